@@ -1,0 +1,22 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test train clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+# The paper's Vicuna-7B run on one node (all its GPUs); see README for 1 GPU and several nodes.
+train: install
+	$(BIN)/deepspeed iqstar.py --model lmsys/vicuna-7b-v1.5 --output-dir out/vicuna-7b-iqstar
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,561 @@
+"""Inverse-Q*: token-level RL that aligns an LLM with no preference data, reward or value model.
+A frozen copy of the SFT model scores each sampled token with a principle in its system prompt
+(log π_w) and without it (log π_l); the policy is pulled towards π̂ = softmax(α log π_w + (1−α) log π_l).
+Paper: Xia et al. 2024, arXiv 2408.14874 (Algorithm 1, §4.2). Every flag: python iqstar.py --help.
+
+One process, GPU (bf16) or CPU (fp32):
+    python iqstar.py --model path/or/hub-id --output-dir out
+One node, 8 GPUs, the paper's Vicuna-7B run (defaults = the paper's settings):
+    deepspeed iqstar.py --model lmsys/vicuna-7b-v1.5 --output-dir out/vicuna-7b-iqstar
+Several nodes (one line per node in the hostfile, "host slots=8"):
+    deepspeed --hostfile hostfile iqstar.py --model lmsys/vicuna-7b-v1.5
+π_w as a separate aligned model instead of a principle (paper §5.3):
+    deepspeed iqstar.py --model HuggingFaceH4/mistral-7b-sft-beta --aligned-model HuggingFaceH4/zephyr-7b-beta
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import socket
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_PRINCIPLE = (  # our wording of the five points in the paper's Appendix C
+    "Follow these principles. Be factually accurate; if you are unsure, say so. "
+    "If a request could cause harm or raises safety concerns, do not fulfil it: explain why "
+    "and point the user to a safe alternative. If the conversation so far has not solved the "
+    "user's problem, keep working on it. Stay on the topic of the conversation. "
+    "Add background information that helps the user understand the answer."
+)
+# Vicuna v1.5's system line; used when the tokenizer has no chat template (Vicuna's has none).
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("models and data")
+    g.add_argument("--model", required=True, help="SFT model to align (hub id or local path): the initial policy μ")
+    g.add_argument("--reference-model", help="frozen model scoring π_l (and π_w); default: --model")
+    g.add_argument("--aligned-model", help="frozen aligned model used as π_w on the plain prompt instead of "
+                   "the principle (paper §5.3)")
+    g.add_argument("--dataset", default="Anthropic/hh-rlhf", help="hub dataset (train split) or a local .jsonl "
+                   "with 'prompt', 'messages' or 'chosen'/'rejected' on each line: the contexts D = {x}")
+    g.add_argument("--principle", help="principle given to π_w as a system message; default: the paper's Appendix C")
+    g.add_argument("--principle-file", help="read the principle from this file")
+    g = p.add_argument_group("Inverse-Q*")
+    g.add_argument("--alpha", type=float, default=1.4, help="α in π̂ = softmax(α log π_w + (1−α) log π_l); "
+                   "α > 1 extrapolates past π_w (paper §5.4)")
+    g.add_argument("--lr", type=float, default=1e-6, help="learning rate γ (Algorithm 1, line 7)")
+    g.add_argument("--epochs", type=int, default=15, help="iterations M of Algorithm 1")
+    g.add_argument("--samples-per-epoch", type=int, default=500, help="prompts m sampled per epoch, over all ranks")
+    g.add_argument("--max-new-tokens", type=int, default=1024, help="longest sampled response")
+    g.add_argument("--max-prompt-tokens", type=int, help="skip longer prompts; default: the model's context "
+                   "length minus --max-new-tokens")
+    g.add_argument("--top-k", type=int, default=0, help="sampling top-k (0: off, sample from π_θ itself)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sampling top-p (1: off)")
+    g = p.add_argument_group("sizes and runtime")
+    g.add_argument("--rollout-batch-size", type=int, default=64, help="prompts per generate call, per rank")
+    g.add_argument("--batch-size", type=int, default=2, help="training (and scoring) micro-batch, per rank")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    g.add_argument("--ds-config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_config.json"),
+                   help="DeepSpeed config; its \"auto\" values are filled from these flags")
+    g.add_argument("--output-dir", default="out", help="final policy (HF format) and metrics.jsonl")
+    g.add_argument("--overwrite", action="store_true", help="replace a model already in --output-dir")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def fail(message):
+    """A one-line error and exit status 2, printed once even when every rank fails alike."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"iqstar.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# 0. Data: the context dataset D = {x} (Algorithm 1, input). Prompts only; no responses are used.
+# ---------------------------------------------------------------------------------------------
+def hh_to_messages(text):
+    """'\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c' -> [{'role': 'user', 'content': 'a'}, ...]."""
+    parts = re.split(r"\n\n(Human|Assistant): ?", "\n\n" + text.lstrip("\n"))
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def row_to_messages(row):
+    """One dataset row -> the conversation to prompt with, ending on a user turn; ValueError says why not."""
+    if not isinstance(row, dict):
+        raise ValueError("not a JSON object")
+    if isinstance(row.get("prompt"), str):
+        messages = [{"role": "user", "content": row["prompt"]}]
+    elif isinstance(row.get("messages"), list):
+        messages = row["messages"]
+        if not all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                   and isinstance(m.get("content"), str) for m in messages):
+            raise ValueError("'messages' must be a list of {role: system|user|assistant, content: str}")
+    elif isinstance(row.get("chosen"), str) or isinstance(row.get("rejected"), str):
+        # HH: keep the turns shared by chosen and rejected; their differing final replies are dropped (§5.1).
+        convs = [hh_to_messages(row[k]) for k in ("chosen", "rejected") if isinstance(row.get(k), str)]
+        messages = []
+        for turns in zip(*convs):
+            if any(t != turns[0] for t in turns):
+                break
+            messages.append(turns[0])
+    else:
+        raise ValueError("has none of 'prompt', 'messages', 'chosen'/'rejected'")
+    while messages and messages[-1]["role"] == "assistant":  # the policy writes its own reply
+        messages = messages[:-1]
+    if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+        raise ValueError("no user turn to answer")
+    return messages
+
+
+def load_conversations(dataset):
+    """Every conversation of --dataset: a local .jsonl, else a hub dataset's train split."""
+    if os.path.exists(dataset) or dataset.endswith((".jsonl", ".json")):
+        if not os.path.isfile(dataset):
+            fail(f"--dataset {dataset}: no such file")
+        conversations = []
+        with open(dataset, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
+                    conversations.append(row_to_messages(json.loads(line.decode("utf-8"))))
+                except ValueError as e:
+                    fail(f"{dataset}, line {number}: {str(e).splitlines()[0]}")
+        if not conversations:
+            fail(f"--dataset {dataset}: the file holds no prompts")
+        return conversations
+    import datasets
+    try:
+        rows = datasets.load_dataset(dataset, split="train")
+    except Exception as e:
+        fail(f"--dataset {dataset}: cannot load it from the hub ({type(e).__name__}: {str(e).splitlines()[0]})")
+    conversations = []
+    for row in rows:
+        try:
+            conversations.append(row_to_messages(row))
+        except ValueError:
+            pass  # a hub row without a user turn to answer; nothing to prompt with
+    return conversations
+
+
+def format_prompt(tokenizer, messages, principle=None):
+    """Token ids of prompt_text(); a chat template writes any BOS itself, the Vicuna text needs the tokenizer's."""
+    text = prompt_text(tokenizer, messages, principle)
+    return tokenizer(text, add_special_tokens=not tokenizer.chat_template)["input_ids"]
+
+
+def prompt_text(tokenizer, messages, principle=None):
+    """The conversation, ready for the assistant's reply; with `principle` as system message for π_w.
+
+    The tokenizer's chat template when it has one; otherwise Vicuna v1.5's, the principle joining its system line.
+    """
+    if principle is not None:
+        if messages[0]["role"] == "system":  # one system message: the principle first, the dataset's after it
+            messages = [{"role": "system", "content": principle + "\n\n" + messages[0]["content"]}] + messages[1:]
+        else:
+            messages = [{"role": "system", "content": principle}] + messages
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    system = VICUNA_SYSTEM
+    if messages[0]["role"] == "system":
+        system, messages = system + " " + messages[0]["content"], messages[1:]
+    text = system + " "
+    for m in messages:
+        text += f"USER: {m['content']} " if m["role"] == "user" else f"ASSISTANT: {m['content']}{tokenizer.eos_token}"
+    return text + "ASSISTANT:"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Sampling: y ~ π_θ(·|x) (Algorithm 1, line 5)
+# ---------------------------------------------------------------------------------------------
+def completion_mask(completion_ids, eos_token_ids):
+    """(B, T) mask of the response tokens up to and including the first EOS: the EOS is a decision too."""
+    is_eos = torch.isin(completion_ids, torch.as_tensor(eos_token_ids, device=completion_ids.device))
+    eos_before = is_eos.long().cumsum(-1) - is_eos.long()  # EOS strictly before position t
+    return eos_before == 0
+
+
+def use_pure_sampling(model, max_new_tokens, eos_token_ids, pad_token_id, top_k=0, top_p=1.0):
+    """Make generate() sample from π_θ itself; returns the model's own generation config, to save with it.
+
+    generate() fills every knob a call leaves unset from model.generation_config (often top_k=50, sometimes a
+    repetition penalty), which would bend y away from the π_θ that the loss assumes sampled it.
+    """
+    from transformers import GenerationConfig
+    original = model.generation_config
+    model.generation_config = GenerationConfig(do_sample=True, temperature=1.0, top_k=top_k, top_p=top_p,
+                                               max_new_tokens=max_new_tokens, eos_token_id=eos_token_ids,
+                                               pad_token_id=pad_token_id)
+    return original
+
+
+@torch.no_grad()
+def sample_responses(model, prompts, sampling_config, device):
+    """One generate() call: a response per prompt, as lists of token ids cut after the first EOS."""
+    width = max(len(ids) for ids in prompts)
+    pad = sampling_config.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
+    # Under ZeRO-3 with several ranks, generate() keeps the ranks in step (synced_gpus) until all have
+    # finished, so ranks whose responses end at different lengths do not hang.
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=sampling_config)
+    completion_ids = output[:, width:]
+    mask = completion_mask(completion_ids, sampling_config.eos_token_id)
+    return [ids[m].tolist() for ids, m in zip(completion_ids, mask)]
+
+
+def make_batch(prompts, responses, pad_token_id, device):
+    """Left-padded prompts followed by right-padded responses, so every response starts at the same column.
+
+    Returns input_ids, attention_mask, position_ids (B, P+T) and response_ids, response_mask (B, T).
+    Position ids count real tokens only, so a padded sample sees exactly what it would see alone.
+    """
+    P, T = max(len(x) for x in prompts), max(len(y) for y in responses)
+    rows = [[pad_token_id] * (P - len(x)) + x + y + [pad_token_id] * (T - len(y)) for x, y in zip(prompts, responses)]
+    real = [[0] * (P - len(x)) + [1] * (len(x) + len(y)) + [0] * (T - len(y)) for x, y in zip(prompts, responses)]
+    input_ids = torch.tensor(rows, device=device)
+    attention_mask = torch.tensor(real, device=device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids, input_ids[:, P:], attention_mask[:, P:].bool()
+
+
+def response_logits(model, prompts, responses, pad_token_id, device):
+    """(B, T, V) logits predicting each response token, and the (B, T) response ids and mask."""
+    input_ids, attention_mask, position_ids, response_ids, response_mask = make_batch(
+        prompts, responses, pad_token_id, device)
+    T = response_ids.shape[1]
+    # logits_to_keep: only the T positions that predict response tokens get the (T x V) unembedding.
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
+    return logits, response_ids, response_mask
+
+
+def token_logprobs(logits, token_ids):
+    """log softmax(logits) at token_ids: (B, T, V), (B, T) -> (B, T), in float32."""
+    return logits.float().log_softmax(-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2–4. Estimated superior policy: π̂ = softmax(α log π_w + (1−α) log π_l) (paper §4.2)
+# ---------------------------------------------------------------------------------------------
+def superior_logprobs(logits_w, logits_l, alpha):
+    """log π̂ over the whole vocabulary: (B, T, V), (B, T, V) -> (B, T, V), normalised, float32.
+
+    α = 1 gives π_w, α = 0 gives π_l; α > 1 moves past π_w, away from π_l (the paper uses α ≈ 1.4).
+    """
+    mixed = alpha * logits_w.float().log_softmax(-1) + (1 - alpha) * logits_l.float().log_softmax(-1)
+    return mixed.log_softmax(-1)  # renormalise: the geometric mixture does not sum to one
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Loss: L = Σ_t (log π̂(y_t) − log π_θ(y_t))² (Algorithm 1, line 6), a mean over response tokens
+# ---------------------------------------------------------------------------------------------
+def iqstar_loss(policy_logps, target_logps, mask):
+    """Token mean of the squared log-ratio. (B, T), (B, T), (B, T) -> scalar.
+
+    ∂L/∂log π_θ(y_t) = −2·m_t·(log π̂(y_t) − log π_θ(y_t)) / Σm: each token is pushed by its own credit.
+    The target is a fixed label (no gradient). An all-masked batch gives 0 rather than 0/0 = NaN.
+    """
+    mask = mask.to(policy_logps.dtype)
+    squared = ((target_logps.detach() - policy_logps) ** 2).masked_fill(mask == 0, 0)  # 0·inf would be NaN
+    return squared.sum() / mask.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed plumbing: nothing above this line knows about it
+# ---------------------------------------------------------------------------------------------
+def init_distributed():
+    """rank, world_size, device; `python iqstar.py` without a launcher is a world of one."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    if "RANK" not in os.environ:
+        with socket.socket() as s:  # a free port for the one-process group
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed()
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+    if device.type != "cpu":
+        get_accelerator().set_device(device.index or 0)
+    return rank, world_size, device
+
+
+def fill_ds_config(config, args, world_size, bf16):
+    """The "auto" values of ds_config.json, from the flags: one file serves 1 CPU process and 64 GPUs."""
+    values = {"train_micro_batch_size_per_gpu": args.batch_size,
+              "train_batch_size": args.batch_size * world_size * config.get("gradient_accumulation_steps", 1),
+              "lr": args.lr, "enabled": bf16}
+
+    def fill(node, path):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                fill(value, f"{path}{key}.")
+            elif value == "auto":
+                if key not in values:
+                    fail(f"--ds-config: iqstar.py cannot fill \"{path}{key}\": \"auto\"; give it a value")
+                node[key] = values[key]
+    fill(config, "")
+    return config
+
+
+def frozen_config(train_config):
+    """ZeRO-3 inference for π_w / π_l: partitioned like the policy, no optimizer state, no gradients."""
+    config = {k: v for k, v in train_config.items() if k not in ("optimizer", "scheduler")}
+    config["zero_optimization"] = {k: v for k, v in train_config["zero_optimization"].items()
+                                   if not k.startswith("offload_optimizer")}
+    return config
+
+
+def load_model(name, dtype):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    for module in model.modules():  # log π_θ must be the distribution that sampled y, so no dropout
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def save_policy(engine, tokenizer, output_dir, is_main):
+    """Gather the ZeRO-3 shards (16-bit on GPU) and write an HF model + tokenizer; files appear only when complete."""
+    state_dict = engine._zero3_consolidated_16bit_state_dict()  # a collective: every rank calls it
+    if is_main:
+        staging = os.path.join(output_dir, ".saving")
+        shutil.rmtree(staging, ignore_errors=True)
+        engine.module.save_pretrained(staging, state_dict=state_dict)
+        tokenizer.save_pretrained(staging)
+        for name in os.listdir(staging):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        os.rmdir(staging)
+    torch.distributed.barrier()
+
+
+def check_model(flag, name):
+    """The model's config, or a one-line error; also catches a path that does not exist before a hub lookup."""
+    from transformers import AutoConfig
+    if name.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(name)):
+        fail(f"{flag} {name}: no such directory")
+    try:
+        return AutoConfig.from_pretrained(name)
+    except Exception as e:
+        fail(f"{flag} {name}: not a model directory and not loadable from the hub ({str(e).splitlines()[0]})")
+
+
+def check_args(args):
+    """Everything that can be wrong with the input, found before anything long starts or is written."""
+    if not args.alpha > 0:
+        fail(f"--alpha must be > 0 (got {args.alpha})")
+    if not args.lr > 0:
+        fail(f"--lr must be > 0 (got {args.lr})")
+    for flag in ("epochs", "samples_per_epoch", "max_new_tokens", "rollout_batch_size", "batch_size"):
+        if getattr(args, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} must be a positive integer (got {getattr(args, flag)})")
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+        fail(f"--max-prompt-tokens must be a positive integer (got {args.max_prompt_tokens})")
+    if args.principle is not None and args.principle_file is not None:
+        fail("give --principle or --principle-file, not both")
+    if args.principle_file is not None:
+        if not os.path.isfile(args.principle_file):
+            fail(f"--principle-file {args.principle_file}: no such file")
+        with open(args.principle_file, encoding="utf-8") as f:
+            args.principle = f.read().strip()
+        if not args.principle:
+            fail(f"--principle-file {args.principle_file}: the file is empty")
+    if args.principle is None:
+        args.principle = DEFAULT_PRINCIPLE
+    if not os.path.isfile(args.ds_config):
+        fail(f"--ds-config {args.ds_config}: no such file")
+    try:
+        with open(args.ds_config) as f:
+            args.ds = json.load(f)
+    except ValueError as e:
+        fail(f"--ds-config {args.ds_config}: not valid JSON ({e})")
+    if args.ds.get("zero_optimization", {}).get("stage") != 3:
+        fail(f"--ds-config {args.ds_config}: iqstar.py expects ZeRO stage 3")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        fail(f"--output-dir {args.output_dir}: exists and is not a directory")
+    held = [n for n in ("config.json", "model.safetensors", "pytorch_model.bin", "metrics.jsonl")
+            if os.path.exists(os.path.join(args.output_dir, n))]
+    if held and not args.overwrite:
+        fail(f"--output-dir {args.output_dir} already holds a run ({', '.join(held)}); pass --overwrite to replace it")
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop: Algorithm 1
+# ---------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    from transformers import AutoTokenizer
+    config = check_model("--model", args.model)
+    reference_name = args.reference_model or args.model
+    frozen = {"--reference-model": check_model("--reference-model", reference_name)}
+    if args.aligned_model:
+        frozen["--aligned-model"] = check_model("--aligned-model", args.aligned_model)
+    for flag, other in frozen.items():  # π̂ mixes the models' distributions token by token: one vocabulary
+        if other.vocab_size != config.vocab_size:
+            fail(f"{flag} has a vocabulary of {other.vocab_size} tokens, --model of {config.vocab_size}")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_token_ids = sorted({tokenizer.eos_token_id} | set(
+        [] if getattr(config, "eos_token_id", None) is None else
+        config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]) - {None})
+    if not eos_token_ids:
+        fail(f"--model {args.model}: the tokenizer has no EOS token to end responses")
+
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    max_prompt = args.max_prompt_tokens or (context - args.max_new_tokens if context else None)
+    if max_prompt is not None and max_prompt < 1:
+        fail(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in {context} positions")
+    conversations = load_conversations(args.dataset)
+    # Each prompt twice: plain (π_θ, π_l; π_w too when it is an aligned model) and with the principle (π_w).
+    prompts, too_long = [], 0
+    for messages in conversations:
+        plain = format_prompt(tokenizer, messages)
+        principled = plain if args.aligned_model else format_prompt(tokenizer, messages, args.principle)
+        if max_prompt is not None and max(len(plain), len(principled)) > max_prompt:
+            too_long += 1  # skipped, not truncated: cutting the front would cut the principle away
+            continue
+        prompts.append((plain, principled))
+    if not prompts:
+        fail(f"--dataset {args.dataset}: every prompt is longer than {max_prompt} tokens")
+
+    rank, world_size, device = init_distributed()
+    is_main = rank == 0
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+    from tqdm.auto import tqdm
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's old names
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    ds_config = fill_ds_config(args.ds, args, world_size, bf16)
+    per_rank = math.ceil(args.samples_per_epoch / world_size)  # every rank runs the same number of steps
+    if is_main:
+        print(f"{len(prompts)} prompts from {args.dataset}"
+              + (f" ({too_long} skipped: over {max_prompt} tokens)" if too_long else "")
+              + f"; {per_rank * world_size} samples per epoch on {world_size} rank(s), {device.type}, {dtype}")
+
+    # Seeds: the same on every rank for loading and for the data order; offset by rank for sampling below.
+    torch.manual_seed(args.seed)
+    # transformers keeps only a weak reference to this object and loads weights partitioned (ZeRO-3)
+    # only while it lives; `generate` also uses it to keep ranks in step. Keep it for the whole run.
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    policy = load_model(args.model, dtype)
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    hub_generation_config = use_pure_sampling(policy, args.max_new_tokens, eos_token_ids, pad_token_id,
+                                              args.top_k, args.top_p)
+    engine, *_ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(), config=ds_config)
+    reference, *_ = deepspeed.initialize(model=load_model(reference_name, dtype), config=frozen_config(ds_config))
+    reference.eval()
+    aligned = reference
+    if args.aligned_model:
+        aligned, *_ = deepspeed.initialize(model=load_model(args.aligned_model, dtype),
+                                           config=frozen_config(ds_config))
+        aligned.eval()
+
+    torch.manual_seed(args.seed + 1 + rank)  # CRUCIAL: each rank must sample different responses
+    data_order = random.Random(args.seed)
+    stream = []
+    os.makedirs(args.output_dir, exist_ok=True)
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if is_main and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # --overwrite: a fresh run's metrics, not appended to the old ones
+    for epoch in range(1, args.epochs + 1):
+        # 1. sample y ~ π_θ(·|x) for this epoch's prompts (the same global draw on every rank, split by rank)
+        while len(stream) < per_rank * world_size:
+            order = list(range(len(prompts)))
+            data_order.shuffle(order)
+            stream += order
+        drawn, stream = stream[:per_rank * world_size], stream[per_rank * world_size:]
+        mine = [prompts[i] for i in drawn[rank::world_size]]
+        plain = [x for x, _ in mine]
+        principled = [x for _, x in mine]
+        t0 = time.time()
+        engine.eval()
+        bar = tqdm(total=len(plain), desc=f"epoch {epoch} sample", disable=not is_main, leave=False)
+        responses = []
+        for start in range(0, len(plain), args.rollout_batch_size):
+            responses += sample_responses(engine.module, plain[start:start + args.rollout_batch_size],
+                                          policy.generation_config, device)
+            bar.update(len(responses) - bar.n)
+        bar.close()
+        t1 = time.time()
+
+        # 2–4. score the responses with the frozen model(s) and build the target log π̂(y_t)
+        targets = []
+        with torch.no_grad():
+            for start in range(0, len(responses), args.batch_size):
+                ys = responses[start:start + args.batch_size]
+                logits_w, ids, _ = response_logits(aligned, principled[start:start + args.batch_size], ys,
+                                                   pad_token_id, device)  # π_w: the principle in the prompt
+                logits_l, _, _ = response_logits(reference, plain[start:start + args.batch_size], ys,
+                                                 pad_token_id, device)  # π_l: the plain prompt
+                target = superior_logprobs(logits_w, logits_l, args.alpha).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+                targets += [t[:len(y)] for t, y in zip(target, ys)]
+                del logits_w, logits_l
+
+        # 5–6. regress log π_θ(y_t) onto log π̂(y_t), one optimizer step per micro-batch
+        t2 = time.time()
+        engine.train()
+        sums = torch.zeros(6, dtype=torch.float64, device=device)  # Σ m·d², Σ m·d, Σ m, Σ log π̂, samples, EOS
+        bar = tqdm(total=len(responses), desc=f"epoch {epoch} train", disable=not is_main, leave=False)
+        for start in range(0, len(responses), args.batch_size):
+            ys = responses[start:start + args.batch_size]
+            logits, ids, mask = response_logits(engine, plain[start:start + args.batch_size], ys,
+                                                pad_token_id, device)
+            policy_logps = token_logprobs(logits, ids)
+            target_logps = torch.nn.utils.rnn.pad_sequence(targets[start:start + args.batch_size], batch_first=True)
+            loss = iqstar_loss(policy_logps, target_logps, mask)
+            engine.backward(loss)
+            engine.step()
+            with torch.no_grad():
+                credit = (target_logps - policy_logps) * mask
+                sums += torch.stack([(credit ** 2).sum(), credit.sum(), mask.sum(), (target_logps * mask).sum(),
+                                     torch.tensor(len(ys), device=device),
+                                     torch.tensor(sum(y[-1] in eos_token_ids for y in ys), device=device)]).double()
+            bar.update(len(ys))
+        bar.close()
+        t3 = time.time()
+
+        # 7. log: one line per epoch, and metrics.jsonl
+        torch.distributed.all_reduce(sums)
+        sq, cr, tokens, tgt, samples, eos = sums.tolist()
+        record = {"epoch": epoch, "loss": sq / max(tokens, 1), "credit": cr / max(tokens, 1),
+                  "target_logp": tgt / max(tokens, 1), "response_tokens": int(tokens),
+                  "mean_response_length": tokens / samples, "eos_rate": eos / samples,
+                  "sample_seconds": round(t1 - t0, 2), "score_seconds": round(t2 - t1, 2),
+                  "train_seconds": round(t3 - t2, 2)}
+        if is_main:
+            print(f"epoch {epoch}/{args.epochs}  loss {record['loss']:.4f}  credit {record['credit']:+.4f}  "
+                  f"tokens {record['response_tokens']}  len {record['mean_response_length']:.1f}  "
+                  f"eos {record['eos_rate']:.2f}  sample {t1 - t0:.1f}s  score {t2 - t1:.1f}s  train {t3 - t2:.1f}s",
+                  flush=True)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    policy.generation_config = hub_generation_config
+    save_policy(engine, tokenizer, args.output_dir, is_main)
+    if is_main:
+        print(f"saved the aligned policy to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
