@@ -1,0 +1,100 @@
+"""Bad input: a one-line error, exit status 2, before any long work, with nothing written."""
+import json
+import os
+
+import pytest
+
+import iqstar
+
+
+@pytest.fixture
+def good(tiny_model, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "how do i bake a cake"}) + "\n")
+    return ["--model", tiny_model, "--dataset", str(data), "--max-new-tokens", "16", "--output-dir", str(tmp_path / "out")]
+
+
+def error_of(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        iqstar.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2, err
+    assert len(err.splitlines()) == 1, err  # one line, no traceback
+    return err
+
+
+def replace(argv, flag, value):
+    argv = list(argv)
+    argv[argv.index(flag) + 1] = value
+    return argv
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--alpha", "0"], "--alpha must be > 0"),
+    (["--alpha", "-1.4"], "--alpha must be > 0"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--samples-per-epoch", "-5"], "--samples-per-epoch must be a positive integer"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
+    (["--rollout-batch-size", "0"], "--rollout-batch-size must be a positive integer"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--max-new-tokens", "500"], "leaves no room for a prompt"),
+    (["--principle", "a", "--principle-file", "p.txt"], "not both"),
+    (["--principle-file", "/nonexistent/principle.txt"], "--principle-file /nonexistent/principle.txt: no such file"),
+    (["--ds-config", "/nonexistent/ds.json"], "--ds-config /nonexistent/ds.json: no such file"),
+    (["--reference-model", "/nonexistent/ref"], "--reference-model /nonexistent/ref: no such directory"),
+    (["--aligned-model", "/nonexistent/aligned"], "--aligned-model /nonexistent/aligned: no such directory"),
+])
+def test_bad_flags(good, extra, message, capsys):
+    err = error_of(good + extra, capsys)
+    assert message in err and err.startswith("iqstar.py: error:")
+    assert not os.path.exists(good[-1])
+
+
+def test_model_path_that_does_not_exist(good, capsys):
+    err = error_of(replace(good, "--model", "/nonexistent/vicuna"), capsys)
+    assert "--model /nonexistent/vicuna: no such directory" in err
+
+
+def test_model_dir_that_is_not_a_model(good, tmp_path, capsys):
+    err = error_of(replace(good, "--model", str(tmp_path)), capsys)
+    assert f"--model {tmp_path}: not a model directory" in err
+
+
+def test_dataset_missing_empty_or_bad(good, tmp_path, capsys):
+    assert "no such file" in error_of(replace(good, "--dataset", str(tmp_path / "none.jsonl")), capsys)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert "holds no prompts" in error_of(replace(good, "--dataset", str(empty)), capsys)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": "fine"\n')
+    assert f"{bad}, line 2:" in error_of(replace(good, "--dataset", str(bad)), capsys)
+    assert not os.path.exists(good[-1])
+
+
+def test_principle_file_that_is_empty(good, tmp_path, capsys):
+    empty = tmp_path / "principle.txt"
+    empty.write_text("  \n")
+    assert "the file is empty" in error_of(good + ["--principle-file", str(empty)], capsys)
+
+
+def test_every_prompt_too_long(good, capsys):
+    assert "every prompt is longer than 2 tokens" in error_of(good + ["--max-prompt-tokens", "2"], capsys)
+
+
+def test_output_dir_that_holds_a_model_is_refused_without_overwrite(good, tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    err = error_of(good, capsys)
+    assert "already holds a run (config.json); pass --overwrite" in err
+    assert os.listdir(out) == ["config.json"]
+
+
+def test_vocabulary_mismatch(good, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    other = tmp_path / "other"
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_layer=1, n_embd=8, n_head=2)).save_pretrained(other)
+    capsys.readouterr()
+    err = error_of(good + ["--aligned-model", str(other)], capsys)
+    assert "--aligned-model has a vocabulary of 50 tokens" in err
