@@ -263,6 +263,15 @@ def superior_logprobs(logits_w, logits_l, alpha):
     return mixed.log_softmax(-1)  # renormalise: the geometric mixture does not sum to one
 
 
+@torch.no_grad()
+def superior_targets(model_w, model_l, principled, plain, responses, alpha, pad_token_id, device):
+    """log π̂(y_t) at each sampled token: a (T_i,) tensor per response, fixed labels for the loss."""
+    logits_w, ids, _ = response_logits(model_w, principled, responses, pad_token_id, device)  # π_w: with principle
+    logits_l, _, _ = response_logits(model_l, plain, responses, pad_token_id, device)  # π_l: the plain prompt
+    target = superior_logprobs(logits_w, logits_l, alpha).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return [t[:len(y)] for t, y in zip(target, responses)]
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. Loss: L = Σ_t (log π̂(y_t) − log π_θ(y_t))² (Algorithm 1, line 6), a mean over response tokens
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +284,14 @@ def iqstar_loss(policy_logps, target_logps, mask):
     mask = mask.to(policy_logps.dtype)
     squared = ((target_logps.detach() - policy_logps) ** 2).masked_fill(mask == 0, 0)  # 0·inf would be NaN
     return squared.sum() / mask.sum().clamp(min=1)
+
+
+def policy_loss(model, prompts, responses, targets, pad_token_id, device):
+    """L for one micro-batch, with the (B, T) credit log π̂ − log π_θ and its mask for the metrics."""
+    logits, ids, mask = response_logits(model, prompts, responses, pad_token_id, device)
+    policy_logps = token_logprobs(logits, ids)
+    target_logps = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True)
+    return iqstar_loss(policy_logps, target_logps, mask), (target_logps - policy_logps.detach()) * mask, mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,16 +518,10 @@ def main(argv=None):
 
         # 2–4. score the responses with the frozen model(s) and build the target log π̂(y_t)
         targets = []
-        with torch.no_grad():
-            for start in range(0, len(responses), args.batch_size):
-                ys = responses[start:start + args.batch_size]
-                logits_w, ids, _ = response_logits(aligned, principled[start:start + args.batch_size], ys,
-                                                   pad_token_id, device)  # π_w: the principle in the prompt
-                logits_l, _, _ = response_logits(reference, plain[start:start + args.batch_size], ys,
-                                                 pad_token_id, device)  # π_l: the plain prompt
-                target = superior_logprobs(logits_w, logits_l, args.alpha).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-                targets += [t[:len(y)] for t, y in zip(target, ys)]
-                del logits_w, logits_l
+        for start in range(0, len(responses), args.batch_size):
+            batch = slice(start, start + args.batch_size)
+            targets += superior_targets(aligned, reference, principled[batch], plain[batch], responses[batch],
+                                        args.alpha, pad_token_id, device)
 
         # 5–6. regress log π_θ(y_t) onto log π̂(y_t), one optimizer step per micro-batch
         t2 = time.time()
@@ -518,19 +529,14 @@ def main(argv=None):
         sums = torch.zeros(6, dtype=torch.float64, device=device)  # Σ m·d², Σ m·d, Σ m, Σ log π̂, samples, EOS
         bar = tqdm(total=len(responses), desc=f"epoch {epoch} train", disable=not is_main, leave=False)
         for start in range(0, len(responses), args.batch_size):
-            ys = responses[start:start + args.batch_size]
-            logits, ids, mask = response_logits(engine, plain[start:start + args.batch_size], ys,
-                                                pad_token_id, device)
-            policy_logps = token_logprobs(logits, ids)
-            target_logps = torch.nn.utils.rnn.pad_sequence(targets[start:start + args.batch_size], batch_first=True)
-            loss = iqstar_loss(policy_logps, target_logps, mask)
+            batch = slice(start, start + args.batch_size)
+            loss, credit, mask = policy_loss(engine, plain[batch], responses[batch], targets[batch],
+                                             pad_token_id, device)
             engine.backward(loss)
             engine.step()
-            with torch.no_grad():
-                credit = (target_logps - policy_logps) * mask
-                sums += torch.stack([(credit ** 2).sum(), credit.sum(), mask.sum(), (target_logps * mask).sum(),
-                                     torch.tensor(len(ys), device=device),
-                                     torch.tensor(sum(y[-1] in eos_token_ids for y in ys), device=device)]).double()
+            ys = responses[batch]
+            sums += torch.tensor([(credit ** 2).sum(), credit.sum(), mask.sum(), sum(t.sum() for t in targets[batch]),
+                                  len(ys), sum(y[-1] in eos_token_ids for y in ys)], dtype=torch.float64, device=device)
             bar.update(len(ys))
         bar.close()
         t3 = time.time()
