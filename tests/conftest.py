@@ -33,12 +33,12 @@ def world_model(tmp_path_factory):
     return path
 
 
-def run_iqstar(args, launcher=None, timeout=600):
-    """Run the real script in a subprocess: `python iqstar.py ...` or a launcher prefix like deepspeed."""
+def run_iqstar(args, launcher=None, timeout=600, script=os.path.join(ROOT, "iqstar.py")):
+    """Run the real script in a subprocess: `python iqstar.py ...` or under a launcher prefix (deepspeed)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    command = (launcher or [sys.executable]) + [os.path.join(ROOT, "iqstar.py")] + [str(a) for a in args]
+    command = (launcher or [sys.executable]) + ([script] if script else []) + [str(a) for a in args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 

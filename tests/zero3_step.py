@@ -1,0 +1,37 @@
+"""One Inverse-Q* training step under DeepSpeed ZeRO-3, in one process, with iqstar's own pieces.
+
+Run by tests/test_zero3.py as `python tests/zero3_step.py MODEL BATCH.pt OUT.pt`; writes the loss and the
+updated weights gathered from ZeRO-3, for comparison with the same step in plain PyTorch.
+"""
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import iqstar  # noqa: E402
+
+
+def main(model_path, batch_path, out_path):
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+    batch = torch.load(batch_path)
+    args = iqstar.parse_args(["--model", model_path, "--lr", str(batch["lr"]), "--batch-size", "2"])
+    rank, world_size, device = iqstar.init_distributed()
+    with open(args.ds_config) as f:
+        config = iqstar.fill_ds_config(json.load(f), args, world_size, bf16=False)
+    hf_ds_config = HfDeepSpeedConfig(config)  # noqa: F841  (kept alive: partitioned loading)
+    policy = iqstar.load_model(model_path, torch.float32)
+    engine, *_ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(), config=config)
+    engine.train()
+    loss, _, _ = iqstar.policy_loss(engine, batch["prompts"], batch["responses"], batch["targets"],
+                                    batch["pad"], device)
+    engine.backward(loss)
+    engine.step()
+    state_dict = engine._zero3_consolidated_16bit_state_dict()
+    torch.save({"loss": loss.item(), "state_dict": state_dict, "config": config}, out_path)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
