@@ -124,8 +124,8 @@ def row_to_messages(row):
 
 
 def load_conversations(dataset):
-    """Every conversation of --dataset: a local .jsonl, else a hub dataset's train split."""
-    if os.path.exists(dataset) or dataset.endswith((".jsonl", ".json")):
+    """Every conversation of --dataset: a local .jsonl, else the train split of a hub (or local) dataset."""
+    if os.path.isfile(dataset) or dataset.endswith((".jsonl", ".json")):
         if not os.path.isfile(dataset):
             fail(f"--dataset {dataset}: no such file")
         conversations = []
@@ -145,12 +145,16 @@ def load_conversations(dataset):
         rows = datasets.load_dataset(dataset, split="train")
     except Exception as e:
         fail(f"--dataset {dataset}: cannot load it from the hub ({type(e).__name__}: {str(e).splitlines()[0]})")
-    conversations = []
+    conversations, unusable = [], 0
     for row in rows:
         try:
             conversations.append(row_to_messages(row))
         except ValueError:
-            pass  # a hub row without a user turn to answer; nothing to prompt with
+            unusable += 1  # e.g. an HH row whose chosen and rejected differ from the first turn
+    if not conversations:
+        fail(f"--dataset {dataset}: no row holds a prompt ('prompt', 'messages' or 'chosen'/'rejected')")
+    if unusable and os.environ.get("RANK", "0") == "0":
+        print(f"--dataset {dataset}: skipped {unusable} rows with no user turn to answer")
     return conversations
 
 
@@ -265,9 +269,12 @@ def superior_logprobs(logits_w, logits_l, alpha):
 
 @torch.no_grad()
 def superior_targets(model_w, model_l, principled, plain, responses, alpha, pad_token_id, device):
-    """log π̂(y_t) at each sampled token: a (T_i,) tensor per response, fixed labels for the loss."""
-    logits_w, ids, _ = response_logits(model_w, principled, responses, pad_token_id, device)  # π_w: with principle
-    logits_l, _, _ = response_logits(model_l, plain, responses, pad_token_id, device)  # π_l: the plain prompt
+    """log π̂(y_t) at each sampled token: a (T_i,) tensor per response, fixed labels for the loss.
+
+    π_w is `model_w` on the `principled` prompts (for an aligned π_w, the plain ones); π_l is `model_l` on `plain`.
+    """
+    logits_w, ids, _ = response_logits(model_w, principled, responses, pad_token_id, device)  # π_w
+    logits_l, _, _ = response_logits(model_l, plain, responses, pad_token_id, device)  # π_l
     target = superior_logprobs(logits_w, logits_l, alpha).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     return [t[:len(y)] for t, y in zip(target, responses)]
 

@@ -63,3 +63,15 @@ def test_default_principle_covers_the_five_points_of_appendix_c():
     p = iqstar.DEFAULT_PRINCIPLE.lower()
     for point in ("accurate", "harm", "keep working", "topic", "background"):
         assert point in p
+
+
+def test_dataset_directory_takes_the_hub_loading_path(tmp_path):
+    """The hub path (datasets.load_dataset, train split) on a local dataset folder in HH's format."""
+    rows = [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
+            {"chosen": "\n\nHuman: Hello\n\nAssistant: Hi", "rejected": "\n\nHuman: Hello\n\nAssistant: Go away"}]
+    folder = tmp_path / "hh"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    conversations = load_conversations(str(folder))
+    assert conversations == [row_to_messages(rows[0]), [{"role": "user", "content": "Hello"}]]
+    assert len(conversations[0]) == 3
