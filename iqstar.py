@@ -73,7 +73,9 @@ def parse_args(argv=None):
                    help="DeepSpeed config; its \"auto\" values are filled from these flags")
     g.add_argument("--output-dir", default="out", help="final policy (HF format) and metrics.jsonl")
     g.add_argument("--overwrite", action="store_true", help="replace a model already in --output-dir")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--snapshot-every", type=int, default=0, help="also save the policy (HF format) to "
+                   "--output-dir/epoch-N every N epochs, to score per-epoch checkpoints as the paper's Fig. 6 does")
+    g.add_argument("--seed", type=int, default=0, help="data order and initial sampling; rank r samples with seed+1+r")
     g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
 
@@ -356,13 +358,15 @@ def load_model(name, dtype):
     return model
 
 
-def save_policy(engine, tokenizer, output_dir, is_main):
+def save_policy(engine, tokenizer, generation_config, output_dir, is_main):
     """Gather the ZeRO-3 shards (16-bit on GPU) and write an HF model + tokenizer; files appear only when complete."""
     state_dict = engine._zero3_consolidated_16bit_state_dict()  # a collective: every rank calls it
     if is_main:
         staging = os.path.join(output_dir, ".saving")
         shutil.rmtree(staging, ignore_errors=True)
+        sampling_config, engine.module.generation_config = engine.module.generation_config, generation_config
         engine.module.save_pretrained(staging, state_dict=state_dict)
+        engine.module.generation_config = sampling_config
         tokenizer.save_pretrained(staging)
         for name in os.listdir(staging):
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
@@ -387,6 +391,8 @@ def check_args(args):
         fail(f"--alpha must be > 0 (got {args.alpha})")
     if not args.lr > 0:
         fail(f"--lr must be > 0 (got {args.lr})")
+    if args.snapshot_every < 0:
+        fail(f"--snapshot-every must be >= 0 (got {args.snapshot_every})")
     for flag in ("epochs", "samples_per_epoch", "max_new_tokens", "rollout_batch_size", "batch_size"):
         if getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} must be a positive integer (got {getattr(args, flag)})")
@@ -563,9 +569,11 @@ def main(argv=None):
                   flush=True)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if args.snapshot_every and epoch % args.snapshot_every == 0 and epoch < args.epochs:
+            save_policy(engine, tokenizer, hub_generation_config, os.path.join(args.output_dir, f"epoch-{epoch}"),
+                        is_main)
 
-    policy.generation_config = hub_generation_config
-    save_policy(engine, tokenizer, args.output_dir, is_main)
+    save_policy(engine, tokenizer, hub_generation_config, args.output_dir, is_main)
     if is_main:
         print(f"saved the aligned policy to {args.output_dir}")
 
