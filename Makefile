@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test train clean
+.PHONY: install test demo train clean
 
 install: $(VENV)/.installed
 
@@ -13,6 +13,13 @@ $(VENV)/.installed: requirements.txt
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# Inverse-Q* on the tiny built-in world, CPU, a few minutes; ALPHA=1.2 SEED=1 make demo for others.
+ALPHA ?= 1.4
+SEED ?= 0
+demo: install
+	$(BIN)/pip install -q -r requirements-demo.txt
+	$(BIN)/python demo/demo.py --out out/demo --alpha $(ALPHA) --seed $(SEED)
 
 # The paper's Vicuna-7B run on one node (all its GPUs); see README for 1 GPU and several nodes.
 train: install
