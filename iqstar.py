@@ -3,6 +3,8 @@ A frozen copy of the SFT model scores each sampled token with a principle in its
 (log π_w) and without it (log π_l); the policy is pulled towards π̂ = softmax(α log π_w + (1−α) log π_l).
 Paper: Xia et al. 2024, arXiv 2408.14874 (Algorithm 1, §4.2). Every flag: python iqstar.py --help.
 
+On a laptop CPU, a tiny model this project builds itself (demo/demo.py; other α: ALPHA=1.2 make demo):
+    make demo
 One process, GPU (bf16) or CPU (fp32):
     python iqstar.py --model path/or/hub-id --output-dir out
 One node, 8 GPUs, the paper's Vicuna-7B run (defaults = the paper's settings):
@@ -44,7 +46,9 @@ VICUNA_SYSTEM = (
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="Demo on CPU with a tiny built-in model: `make demo`; another α: "
+                                       "`ALPHA=1.2 make demo` or `python demo/demo.py --alpha 1.2`.")
     g = p.add_argument_group("models and data")
     g.add_argument("--model", required=True, help="SFT model to align (hub id or local path): the initial policy μ")
     g.add_argument("--reference-model", help="frozen model scoring π_l (and π_w); default: --model")
