@@ -535,10 +535,13 @@ def main(argv=None):
 
         # 2–4. score the responses with the frozen model(s) and build the target log π̂(y_t)
         targets = []
+        bar = tqdm(total=len(responses), desc=f"epoch {epoch} score", disable=not is_main, leave=False)
         for start in range(0, len(responses), args.batch_size):
             batch = slice(start, start + args.batch_size)
             targets += superior_targets(aligned, reference, principled[batch], plain[batch], responses[batch],
                                         args.alpha, pad_token_id, device)
+            bar.update(len(responses[batch]))
+        bar.close()
 
         # 5–6. regress log π_θ(y_t) onto log π̂(y_t), one optimizer step per micro-batch
         t2 = time.time()
