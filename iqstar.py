@@ -201,6 +201,21 @@ def completion_mask(completion_ids, eos_token_ids):
     return eos_before == 0
 
 
+def make_batch(prompts, responses, pad_token_id, device):
+    """Left-padded prompts followed by right-padded responses, so every response starts at the same column.
+
+    Returns input_ids, attention_mask, position_ids (B, P+T) and response_ids, response_mask (B, T).
+    Position ids count real tokens only, so a padded sample sees exactly what it would see alone.
+    """
+    P, T = max(len(x) for x in prompts), max(len(y) for y in responses)
+    rows = [[pad_token_id] * (P - len(x)) + x + y + [pad_token_id] * (T - len(y)) for x, y in zip(prompts, responses)]
+    real = [[0] * (P - len(x)) + [1] * (len(x) + len(y)) + [0] * (T - len(y)) for x, y in zip(prompts, responses)]
+    input_ids = torch.tensor(rows, device=device)
+    attention_mask = torch.tensor(real, device=device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids, input_ids[:, P:], attention_mask[:, P:].bool()
+
+
 def use_pure_sampling(model, max_new_tokens, eos_token_ids, pad_token_id, top_k=0, top_p=1.0):
     """Make generate() sample from π_θ itself; returns the model's own generation config, to save with it.
 
@@ -218,31 +233,13 @@ def use_pure_sampling(model, max_new_tokens, eos_token_ids, pad_token_id, top_k=
 @torch.no_grad()
 def sample_responses(model, prompts, sampling_config, device):
     """One generate() call: a response per prompt, as lists of token ids cut after the first EOS."""
-    width = max(len(ids) for ids in prompts)
-    pad = sampling_config.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
+    input_ids, attention_mask, *_ = make_batch(prompts, [[] for _ in prompts], sampling_config.pad_token_id, device)
     # Under ZeRO-3 with several ranks, generate() keeps the ranks in step (synced_gpus) until all have
     # finished, so ranks whose responses end at different lengths do not hang.
     output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=sampling_config)
-    completion_ids = output[:, width:]
+    completion_ids = output[:, input_ids.shape[1]:]
     mask = completion_mask(completion_ids, sampling_config.eos_token_id)
     return [ids[m].tolist() for ids, m in zip(completion_ids, mask)]
-
-
-def make_batch(prompts, responses, pad_token_id, device):
-    """Left-padded prompts followed by right-padded responses, so every response starts at the same column.
-
-    Returns input_ids, attention_mask, position_ids (B, P+T) and response_ids, response_mask (B, T).
-    Position ids count real tokens only, so a padded sample sees exactly what it would see alone.
-    """
-    P, T = max(len(x) for x in prompts), max(len(y) for y in responses)
-    rows = [[pad_token_id] * (P - len(x)) + x + y + [pad_token_id] * (T - len(y)) for x, y in zip(prompts, responses)]
-    real = [[0] * (P - len(x)) + [1] * (len(x) + len(y)) + [0] * (T - len(y)) for x, y in zip(prompts, responses)]
-    input_ids = torch.tensor(rows, device=device)
-    attention_mask = torch.tensor(real, device=device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return input_ids, attention_mask, position_ids, input_ids[:, P:], attention_mask[:, P:].bool()
 
 
 def response_logits(model, prompts, responses, pad_token_id, device):
@@ -447,9 +444,8 @@ def main(argv=None):
             fail(f"{flag} has a vocabulary of {other.vocab_size} tokens, --model of {config.vocab_size}")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_token_ids = sorted({tokenizer.eos_token_id} | set(
-        [] if getattr(config, "eos_token_id", None) is None else
-        config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]) - {None})
+    eos = getattr(config, "eos_token_id", None)  # chat models may end a turn with any of several tokens
+    eos_token_ids = sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
     if not eos_token_ids:
         fail(f"--model {args.model}: the tokenizer has no EOS token to end responses")
 
