@@ -56,6 +56,8 @@ def parse_args(argv=None):
                    "the principle (paper §5.3)")
     g.add_argument("--dataset", default="Anthropic/hh-rlhf", help="hub dataset (train split) or a local .jsonl "
                    "with 'prompt', 'messages' or 'chosen'/'rejected' on each line: the contexts D = {x}")
+    g.add_argument("--strict", action="store_true", help="stop at the first unusable line of --dataset instead "
+                   "of skipping it (skips are reported at the start either way)")
     g.add_argument("--principle", help="principle given to π_w as a system message; default: the paper's Appendix C")
     g.add_argument("--principle-file", help="read the principle from this file")
     g = p.add_argument_group("Inverse-Q*")
@@ -105,13 +107,18 @@ def row_to_messages(row):
     """One dataset row -> the conversation to prompt with, ending on a user turn; ValueError says why not."""
     if not isinstance(row, dict):
         raise ValueError("not a JSON object")
-    if isinstance(row.get("prompt"), str):
+    if "prompt" in row and row["prompt"] is not None:
+        if not isinstance(row["prompt"], str):
+            raise ValueError("'prompt' is not a string")
         messages = [{"role": "user", "content": row["prompt"]}]
-    elif isinstance(row.get("messages"), list):
+    elif "messages" in row and row["messages"] is not None:
         messages = row["messages"]
-        if not all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                   and isinstance(m.get("content"), str) for m in messages):
-            raise ValueError("'messages' must be a list of {role: system|user|assistant, content: str}")
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str) for m in messages):
+            raise ValueError("'messages' is not a list of {role: system|user|assistant, content: string}")
+        if any(m["role"] == "system" for m in messages[1:]):  # templates would render it as another role
+            raise ValueError("a system message after the first turn")
     elif isinstance(row.get("chosen"), str) or isinstance(row.get("rejected"), str):
         # HH: keep the turns shared by chosen and rejected; their differing final replies are dropped (§5.1).
         convs = [hh_to_messages(row[k]) for k in ("chosen", "rejected") if isinstance(row.get(k), str)]
@@ -126,42 +133,46 @@ def row_to_messages(row):
         messages = messages[:-1]
     if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
         raise ValueError("no user turn to answer")
-    return messages
+    for m in messages:
+        m["content"].encode("utf-8")  # a lone surrogate ("\ud800") is valid JSON but no text: UnicodeError
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def load_conversations(dataset):
-    """Every conversation of --dataset: a local .jsonl, else the train split of a hub (or local) dataset."""
+    """(conversations, skipped) of --dataset, a local .jsonl or the train split of a hub (or local) dataset.
+
+    Each conversation comes with where it was ("line 7", "row 6"); each skipped one with where and why.
+    """
+    conversations, skipped = [], []
+
+    def add(where, read_row):
+        try:
+            conversations.append((where, row_to_messages(read_row())))
+        except UnicodeError:  # before ValueError: it is one
+            skipped.append((where, "not UTF-8 text"))
+        except RecursionError:
+            skipped.append((where, "JSON nested too deeply"))
+        except json.JSONDecodeError:
+            skipped.append((where, "not valid JSON"))
+        except ValueError as e:
+            skipped.append((where, str(e)))
+
     if os.path.isfile(dataset) or dataset.endswith((".jsonl", ".json")):
         if not os.path.isfile(dataset):
             fail(f"--dataset {dataset}: no such file")
-        conversations = []
         with open(dataset, "rb") as f:
             for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
-                    conversations.append(row_to_messages(json.loads(line.decode("utf-8"))))
-                except ValueError as e:
-                    fail(f"{dataset}, line {number}: {str(e).splitlines()[0]}")
-        if not conversations:
-            fail(f"--dataset {dataset}: the file holds no prompts")
-        return conversations
-    import datasets
-    try:
-        rows = datasets.load_dataset(dataset, split="train")
-    except Exception as e:
-        fail(f"--dataset {dataset}: cannot load it from the hub ({type(e).__name__}: {str(e).splitlines()[0]})")
-    conversations, unusable = [], 0
-    for row in rows:
+                if line.strip():
+                    add(f"line {number}", lambda: json.loads(line.decode("utf-8")))
+    else:
+        import datasets
         try:
-            conversations.append(row_to_messages(row))
-        except ValueError:
-            unusable += 1  # e.g. an HH row whose chosen and rejected differ from the first turn
-    if not conversations:
-        fail(f"--dataset {dataset}: no row holds a prompt ('prompt', 'messages' or 'chosen'/'rejected')")
-    if unusable and os.environ.get("RANK", "0") == "0":
-        print(f"--dataset {dataset}: skipped {unusable} rows with no user turn to answer")
-    return conversations
+            rows = datasets.load_dataset(dataset, split="train")
+        except Exception as e:
+            fail(f"--dataset {dataset}: cannot load it from the hub ({type(e).__name__}: {str(e).splitlines()[0]})")
+        for index, row in enumerate(rows):
+            add(f"row {index}", lambda: row)
+    return conversations, skipped
 
 
 def format_prompt(tokenizer, messages, principle=None):
@@ -189,6 +200,36 @@ def prompt_text(tokenizer, messages, principle=None):
     for m in messages:
         text += f"USER: {m['content']} " if m["role"] == "user" else f"ASSISTANT: {m['content']}{tokenizer.eos_token}"
     return text + "ASSISTANT:"
+
+
+def build_prompts(conversations, tokenizer, principle, max_prompt_tokens):
+    """(plain, principled) token ids per conversation, and the (where, why) of those that cannot be used as is.
+
+    principle=None (an aligned π_w) uses the plain prompt for both.
+    """
+    prompts, skipped = [], []
+    for where, messages in conversations:
+        try:
+            plain = format_prompt(tokenizer, messages)
+            principled = plain if principle is None else format_prompt(tokenizer, messages, principle)
+        except Exception as e:  # e.g. a template that insists on alternating roles, or refuses a system role
+            skipped.append((where, f"the chat template rejects it ({(str(e) or type(e).__name__).splitlines()[0]})"))
+            continue
+        if max_prompt_tokens is not None and max(len(plain), len(principled)) > max_prompt_tokens:
+            skipped.append((where, f"over {max_prompt_tokens} prompt tokens"))  # not cut: the principle comes first
+            continue
+        prompts.append((plain, principled))
+    return prompts, skipped
+
+
+def skip_report(dataset, skipped, total):
+    """One line: how many were skipped and why, naming the first few places of each reason."""
+    reasons = {}
+    for where, why in skipped:
+        reasons.setdefault(why, []).append(where)
+    parts = [f"{len(places)} {why} ({', '.join(places[:3])}{', ...' if len(places) > 3 else ''})"
+             for why, places in sorted(reasons.items(), key=lambda r: -len(r[1]))]
+    return f"--dataset {dataset}: skipped {len(skipped)} of {total}: " + "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,18 +494,16 @@ def main(argv=None):
     max_prompt = args.max_prompt_tokens or (context - args.max_new_tokens if context else None)
     if max_prompt is not None and max_prompt < 1:
         fail(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in {context} positions")
-    conversations = load_conversations(args.dataset)
+    conversations, skipped = load_conversations(args.dataset)
     # Each prompt twice: plain (π_θ, π_l; π_w too when it is an aligned model) and with the principle (π_w).
-    prompts, too_long = [], 0
-    for messages in conversations:
-        plain = format_prompt(tokenizer, messages)
-        principled = plain if args.aligned_model else format_prompt(tokenizer, messages, args.principle)
-        if max_prompt is not None and max(len(plain), len(principled)) > max_prompt:
-            too_long += 1  # skipped, not truncated: cutting the front would cut the principle away
-            continue
-        prompts.append((plain, principled))
+    prompts, unusable = build_prompts(conversations, tokenizer, None if args.aligned_model else args.principle,
+                                      max_prompt)
+    skipped += unusable
+    if skipped and args.strict:
+        fail(f"--strict: {args.dataset}, {skipped[0][0]}: {skipped[0][1]}")
     if not prompts:
-        fail(f"--dataset {args.dataset}: every prompt is longer than {max_prompt} tokens")
+        fail(skip_report(args.dataset, skipped, len(skipped)) + "; nothing left to train on" if skipped
+             else f"--dataset {args.dataset}: holds no prompts")
 
     rank, world_size, device = init_distributed()
     is_main = rank == 0
@@ -478,9 +517,9 @@ def main(argv=None):
     ds_config = fill_ds_config(args.ds, args, world_size, bf16)
     per_rank = math.ceil(args.samples_per_epoch / world_size)  # every rank runs the same number of steps
     if is_main:
-        print(f"{len(prompts)} prompts from {args.dataset}"
-              + (f" ({too_long} skipped: over {max_prompt} tokens)" if too_long else "")
-              + f"; {per_rank * world_size} samples per epoch on {world_size} rank(s), {device.type}, {dtype}")
+        if skipped:
+            print(skip_report(args.dataset, skipped, len(prompts) + len(skipped)))
+        print(f"{len(prompts)} prompts from {args.dataset}; {per_rank * world_size} samples per epoch on {world_size} rank(s), {device.type}, {dtype}")
 
     # Seeds: the same on every rank for loading and for the data order; offset by rank for sampling below.
     torch.manual_seed(args.seed)

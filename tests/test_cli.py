@@ -67,8 +67,12 @@ def test_dataset_missing_empty_or_bad(good, tmp_path, capsys):
     empty.write_text("\n")
     assert "holds no prompts" in error_of(replace(good, "--dataset", str(empty)), capsys)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "fine"}\n{"prompt": "fine"\n')
-    assert f"{bad}, line 2:" in error_of(replace(good, "--dataset", str(bad)), capsys)
+    bad.write_text('{"prompt": "fine"\n')
+    assert f"--dataset {bad}: skipped 1 of 1: 1 not valid JSON (line 1); nothing left to train on" in error_of(
+        replace(good, "--dataset", str(bad)), capsys)
+    bad.write_text('{"prompt": "fine"}\n\n{"prompt": "fine"\n')  # line 3 is bad, and --strict will not skip it
+    assert f"--strict: {bad}, line 3: not valid JSON" in error_of(replace(good, "--dataset", str(bad)) + ["--strict"],
+                                                                   capsys)
     assert not os.path.exists(good[-1])
 
 
@@ -79,7 +83,8 @@ def test_principle_file_that_is_empty(good, tmp_path, capsys):
 
 
 def test_every_prompt_too_long(good, capsys):
-    assert "every prompt is longer than 2 tokens" in error_of(good + ["--max-prompt-tokens", "2"], capsys)
+    err = error_of(good + ["--max-prompt-tokens", "2"], capsys)
+    assert "skipped 1 of 1: 1 over 2 prompt tokens (line 1); nothing left to train on" in err
 
 
 def test_output_dir_that_holds_a_model_is_refused_without_overwrite(good, tiny_model, tmp_path, capsys):
