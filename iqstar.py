@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -78,7 +79,14 @@ def parse_args(argv=None):
     g.add_argument("--ds-config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_config.json"),
                    help="DeepSpeed config; its \"auto\" values are filled from these flags")
     g.add_argument("--output-dir", default="out", help="final policy (HF format) and metrics.jsonl")
-    g.add_argument("--overwrite", action="store_true", help="replace a model already in --output-dir")
+    g.add_argument("--overwrite", action="store_true", help="replace a run (model, metrics, checkpoints) "
+                   "already in --output-dir")
+    g.add_argument("--save-every", type=int, default=1, help="save a resumable checkpoint (policy, optimizer, "
+                   "data order, RNG) to --output-dir/checkpoints every N epochs; 0: only after the last epoch and "
+                   "when interrupted. One is kept")
+    g.add_argument("--resume", action="store_true", help="go on from the checkpoint in --output-dir/checkpoints")
+    g.add_argument("--max-skipped-steps", type=int, default=10, help="stop after this many steps in a row were "
+                   "skipped for a non-finite loss or gradient")
     g.add_argument("--snapshot-every", type=int, default=0, help="also save the policy (HF format) to "
                    "--output-dir/epoch-N every N epochs, to score per-epoch checkpoints as the paper's Fig. 6 does")
     g.add_argument("--seed", type=int, default=0, help="data order and initial sampling; rank r samples with seed+1+r")
@@ -272,12 +280,13 @@ def use_pure_sampling(model, max_new_tokens, eos_token_ids, pad_token_id, top_k=
 
 
 @torch.no_grad()
-def sample_responses(model, prompts, sampling_config, device):
+def sample_responses(model, prompts, sampling_config, device, stopping_criteria=None):
     """One generate() call: a response per prompt, as lists of token ids cut after the first EOS."""
     input_ids, attention_mask, *_ = make_batch(prompts, [[] for _ in prompts], sampling_config.pad_token_id, device)
     # Under ZeRO-3 with several ranks, generate() keeps the ranks in step (synced_gpus) until all have
     # finished, so ranks whose responses end at different lengths do not hang.
-    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=sampling_config)
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=sampling_config,
+                            stopping_criteria=stopping_criteria)
     completion_ids = output[:, input_ids.shape[1]:]
     mask = completion_mask(completion_ids, sampling_config.eos_token_id)
     return [ids[m].tolist() for ids, m in zip(completion_ids, mask)]
@@ -416,6 +425,88 @@ def save_policy(engine, tokenizer, generation_config, output_dir, is_main):
     torch.distributed.barrier()
 
 
+# A checkpoint holds all the loop needs to go on as if never stopped: DeepSpeed's state (policy shards and
+# optimizer) plus `loop`, the loop's own state, and each rank's RNG and half-done epoch, if any.
+RUN_FLAGS = ("model", "dataset", "principle", "alpha", "lr", "seed", "samples_per_epoch", "batch_size",
+             "rollout_batch_size", "max_new_tokens", "top_k", "top_p")
+
+
+def rng_state():
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(engine, directory, tag, loop, own, is_main):
+    """Write directory/tag on every rank; latest.json names it only once all of it is written.
+
+    A run killed while saving leaves latest.json naming the previous checkpoint, which is kept until then.
+    """
+    latest = os.path.join(directory, "latest.json")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            if json.load(f)["tag"] == tag:  # an epoch abandoned right after a resume: nothing new to save
+                return
+    ranks = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(ranks, own)  # every rank's part in one place, whatever files DeepSpeed writes
+    if is_main:
+        shutil.rmtree(os.path.join(directory, tag), ignore_errors=True)  # from a save that was killed
+    torch.distributed.barrier()
+    engine.save_checkpoint(directory, tag=tag, client_state={"iqstar": dict(loop, ranks=ranks)}, save_latest=False)
+    torch.distributed.barrier()
+    if is_main:
+        with open(latest + ".tmp", "w") as f:
+            json.dump({"tag": tag, "epoch": loop["epoch"], "world_size": len(ranks), "run": loop["run"]}, f)
+        os.replace(latest + ".tmp", latest)
+        for name in os.listdir(directory):  # keep one: a 7B policy's checkpoint with its optimizer is ~100 GB
+            if name != tag and os.path.isdir(os.path.join(directory, name)):
+                shutil.rmtree(os.path.join(directory, name))
+    torch.distributed.barrier()
+
+
+def load_checkpoint(engine, directory, rank):
+    """Load the latest checkpoint's policy and optimizer into `engine`; returns its loop state and this rank's part."""
+    with open(os.path.join(directory, "latest.json")) as f:
+        tag = json.load(f)["tag"]
+    _, client_state = engine.load_checkpoint(directory, tag=tag)
+    loop = client_state["iqstar"]
+    return loop, loop.pop("ranks")[rank]
+
+
+class Interruption:
+    """SIGINT/SIGTERM only raise a flag; the loop looks at it between steps and saves before it leaves.
+
+    It is also a generate() stopping criterion, so a long rollout batch ends early instead of running on.
+    """
+    def __init__(self):
+        self.signum = 0
+        signal.signal(signal.SIGINT, self.catch)
+        signal.signal(signal.SIGTERM, self.catch)
+
+    def catch(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.signum != 0, dtype=torch.bool, device=input_ids.device)
+
+    def agreed(self, device):
+        """Was any rank signalled? A collective: every rank asks at the same points, and all stop alike."""
+        flag = torch.tensor([self.signum], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.signum = int(flag.item())
+        return self.signum != 0
+
+
+def stop(message, code, is_main):
+    if is_main:
+        print(f"iqstar.py: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 def check_model(flag, name):
     """The model's config, or a one-line error; also catches a path that does not exist before a hub lookup."""
     from transformers import AutoConfig
@@ -433,8 +524,11 @@ def check_args(args):
         fail(f"--alpha must be > 0 (got {args.alpha})")
     if not args.lr > 0:
         fail(f"--lr must be > 0 (got {args.lr})")
-    if args.snapshot_every < 0:
-        fail(f"--snapshot-every must be >= 0 (got {args.snapshot_every})")
+    for flag in ("snapshot_every", "save_every"):
+        if getattr(args, flag) < 0:
+            fail(f"--{flag.replace('_', '-')} must be >= 0 (got {getattr(args, flag)})")
+    if args.max_skipped_steps < 1:
+        fail(f"--max-skipped-steps must be a positive integer (got {args.max_skipped_steps})")
     for flag in ("epochs", "samples_per_epoch", "max_new_tokens", "rollout_batch_size", "batch_size"):
         if getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} must be a positive integer (got {getattr(args, flag)})")
@@ -462,10 +556,17 @@ def check_args(args):
         fail(f"--ds-config {args.ds_config}: iqstar.py expects ZeRO stage 3")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         fail(f"--output-dir {args.output_dir}: exists and is not a directory")
-    held = [n for n in ("config.json", "model.safetensors", "pytorch_model.bin", "metrics.jsonl")
+    if args.resume:
+        if args.overwrite:
+            fail("give --resume (go on with the run in --output-dir) or --overwrite (replace it), not both")
+        if not os.path.isfile(os.path.join(args.output_dir, "checkpoints", "latest.json")):
+            fail(f"--resume: {os.path.join(args.output_dir, 'checkpoints')} holds no complete checkpoint")
+        return
+    held = [n for n in ("config.json", "model.safetensors", "pytorch_model.bin", "metrics.jsonl", "checkpoints")
             if os.path.exists(os.path.join(args.output_dir, n))]
     if held and not args.overwrite:
-        fail(f"--output-dir {args.output_dir} already holds a run ({', '.join(held)}); pass --overwrite to replace it")
+        fail(f"--output-dir {args.output_dir} already holds a run ({', '.join(held)}); pass --resume to go on "
+             "with it or --overwrite to replace it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,7 +620,8 @@ def main(argv=None):
     if is_main:
         if skipped:
             print(skip_report(args.dataset, skipped, len(prompts) + len(skipped)))
-        print(f"{len(prompts)} prompts from {args.dataset}; {per_rank * world_size} samples per epoch on {world_size} rank(s), {device.type}, {dtype}")
+        print(f"{len(prompts)} prompts from {args.dataset}; {per_rank * world_size} samples per epoch on "
+              f"{world_size} rank(s), {device.type}, {dtype}")
 
     # Seeds: the same on every rank for loading and for the data order; offset by rank for sampling below.
     torch.manual_seed(args.seed)
@@ -541,13 +643,49 @@ def main(argv=None):
         aligned.eval()
 
     torch.manual_seed(args.seed + 1 + rank)  # CRUCIAL: each rank must sample different responses
-    data_order = random.Random(args.seed)
-    stream = []
-    os.makedirs(args.output_dir, exist_ok=True)
+    checkpoints = os.path.join(args.output_dir, "checkpoints")
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if is_main and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # --overwrite: a fresh run's metrics, not appended to the old ones
-    for epoch in range(1, args.epochs + 1):
+    run = {flag: getattr(args, flag) for flag in RUN_FLAGS}
+    # The loop's state: epochs done, the prompt stream and its shuffler, and the run of skipped steps.
+    loop = {"epoch": 0, "stream": [], "data_order": random.Random(args.seed).getstate(), "skipped_in_a_row": 0,
+            "run": run}
+    progress = None  # this rank's half-done epoch, when resuming a run interrupted during training
+    if args.resume:
+        loop, own = load_checkpoint(engine, checkpoints, rank)
+        set_rng_state(own["rng"])
+        progress = own["progress"]
+        loop["skipped_in_a_row"] = 0
+        for group in engine.optimizer.param_groups:  # the checkpoint's optimizer state, this command's --lr
+            group["lr"] = args.lr
+        changed = [f"--{k.replace('_', '-')} (was {loop['run'][k]!r})" for k in RUN_FLAGS if loop["run"][k] != run[k]]
+        loop["run"] = run
+        if is_main:
+            print(f"resumed from {checkpoints} after epoch {loop['epoch']}"
+                  + (f", in the middle of epoch {loop['epoch'] + 1}" if progress else "")
+                  + (f"; changed since: {', '.join(changed)}" if changed else ""))
+    elif is_main:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # --overwrite: never resume into another run's state
+    if is_main:
+        os.makedirs(checkpoints, exist_ok=True)
+        kept = []  # a resumed run's metrics go on from its checkpoint; a fresh run's start empty
+        if args.resume and os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= loop["epoch"]]
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics_path + ".tmp", metrics_path)
+    data_order = random.Random()
+    data_order.setstate(loop["data_order"])
+    stream = loop["stream"]
+    interruption = Interruption()
+
+    def interrupted(where, tag):
+        stop(f"stopped by {signal.Signals(interruption.signum).name} {where}; saved {checkpoints}/{tag}. "
+             "Run the same command with --resume to go on.", 128 + interruption.signum, is_main)
+
+    for epoch in range(loop["epoch"] + 1, args.epochs + 1):
+        at_start = dict(loop, stream=list(stream), data_order=data_order.getstate())  # an abandoned epoch restarts here
+        rng_at_start = rng_state()
         # 1. sample y ~ π_θ(·|x) for this epoch's prompts (the same global draw on every rank, split by rank)
         while len(stream) < per_rank * world_size:
             order = list(range(len(prompts)))
@@ -557,60 +695,105 @@ def main(argv=None):
         mine = [prompts[i] for i in drawn[rank::world_size]]
         plain = [x for x, _ in mine]
         principled = [x for _, x in mine]
-        t0 = time.time()
-        engine.eval()
-        bar = tqdm(total=len(plain), desc=f"epoch {epoch} sample", disable=not is_main, leave=False)
-        responses = []
-        for start in range(0, len(plain), args.rollout_batch_size):
-            responses += sample_responses(engine.module, plain[start:start + args.rollout_batch_size],
-                                          policy.generation_config, device)
-            bar.update(len(responses) - bar.n)
-        bar.close()
-        t1 = time.time()
+        if progress is None:
+            t0 = time.time()
+            engine.eval()
+            bar = tqdm(total=len(plain), desc=f"epoch {epoch} sample", disable=not is_main, leave=False)
+            responses, targets, abandoned = [], [], None
+            for start in range(0, len(plain), args.rollout_batch_size):
+                responses += sample_responses(engine.module, plain[start:start + args.rollout_batch_size],
+                                              policy.generation_config, device, stopping_criteria=[interruption])
+                bar.update(len(responses) - bar.n)
+                if interruption.agreed(device):
+                    abandoned = "sampling"
+                    break
+            bar.close()
+            t1 = time.time()
 
-        # 2–4. score the responses with the frozen model(s) and build the target log π̂(y_t)
-        targets = []
-        bar = tqdm(total=len(responses), desc=f"epoch {epoch} score", disable=not is_main, leave=False)
-        for start in range(0, len(responses), args.batch_size):
-            batch = slice(start, start + args.batch_size)
-            targets += superior_targets(aligned, reference, principled[batch], plain[batch], responses[batch],
-                                        args.alpha, pad_token_id, device)
-            bar.update(len(responses[batch]))
-        bar.close()
+            # 2–4. score the responses with the frozen model(s) and build the target log π̂(y_t)
+            bar = tqdm(total=len(responses), desc=f"epoch {epoch} score", disable=not is_main, leave=False)
+            for start in range(0, len(responses) if not abandoned else 0, args.batch_size):
+                batch = slice(start, start + args.batch_size)
+                targets += superior_targets(aligned, reference, principled[batch], plain[batch], responses[batch],
+                                            args.alpha, pad_token_id, device)
+                bar.update(len(responses[batch]))
+                if interruption.agreed(device):
+                    abandoned = "scoring"
+                    break
+            bar.close()
+            if abandoned:  # nothing learnt yet this epoch: it starts again on resume
+                save_checkpoint(engine, checkpoints, f"epoch-{epoch - 1}", at_start,
+                                {"rng": rng_at_start, "progress": None}, is_main)
+                interrupted(f"while {abandoned} epoch {epoch}", f"epoch-{epoch - 1}")
+            # sums: Σ m·d², Σ m·d, Σ m, Σ m·log π̂ over applied steps (a skipped one's may be NaN); Σ m, samples, EOS
+            progress = {"responses": responses, "targets": targets, "next": 0, "skipped": 0,
+                        "sums": torch.zeros(7, dtype=torch.float64), "seconds": [t1 - t0, time.time() - t1, 0]}
+        responses, targets = progress["responses"], progress["targets"]
 
         # 5–6. regress log π_θ(y_t) onto log π̂(y_t), one optimizer step per micro-batch
         t2 = time.time()
         engine.train()
-        sums = torch.zeros(6, dtype=torch.float64, device=device)  # Σ m·d², Σ m·d, Σ m, Σ log π̂, samples, EOS
-        bar = tqdm(total=len(responses), desc=f"epoch {epoch} train", disable=not is_main, leave=False)
-        for start in range(0, len(responses), args.batch_size):
+        sums = progress["sums"].to(device)
+        bar = tqdm(total=len(responses), initial=progress["next"], desc=f"epoch {epoch} train", disable=not is_main,
+                   leave=False)
+        for start in range(progress["next"], len(responses), args.batch_size):
             batch = slice(start, start + args.batch_size)
             loss, credit, mask = policy_loss(engine, plain[batch], responses[batch], targets[batch],
                                              pad_token_id, device)
             engine.backward(loss)
             engine.step()
             ys = responses[batch]
-            sums += torch.tensor([(credit ** 2).sum(), credit.sum(), mask.sum(), sum(t.sum() for t in targets[batch]),
-                                  len(ys), sum(y[-1] in eos_token_ids for y in ys)], dtype=torch.float64, device=device)
+            applied = engine.was_step_applied()  # False: DeepSpeed found the gradient norm non-finite, on every
+            loop["skipped_in_a_row"] = 0 if applied else loop["skipped_in_a_row"] + 1  # rank alike, and skipped it
+            progress["skipped"] += not applied
+            fit = [(credit ** 2).sum(), credit.sum(), mask.sum(), sum(t.sum() for t in targets[batch])]
+            fit = fit if applied else [0] * 4
+            sums += torch.tensor(fit + [mask.sum(), len(ys), sum(y[-1] in eos_token_ids for y in ys)],
+                                 dtype=torch.float64, device=device)
             bar.update(len(ys))
+            progress.update(next=min(start + args.batch_size, len(responses)), sums=sums.cpu())
+            progress["seconds"][2] += time.time() - t2
+            t2 = time.time()
+            if loop["skipped_in_a_row"] >= args.max_skipped_steps:
+                break
+            if progress["next"] < len(responses) and interruption.agreed(device):
+                tag = f"epoch-{epoch}-step-{progress['next'] // args.batch_size}"
+                save_checkpoint(engine, checkpoints, tag, at_start, {"rng": rng_state(), "progress": progress}, is_main)
+                interrupted(f"while training epoch {epoch}", tag)
         bar.close()
-        t3 = time.time()
+        if loop["skipped_in_a_row"] >= args.max_skipped_steps:  # the weights are still those of the last good step
+            tag = f"epoch-{epoch}-step-{math.ceil(progress['next'] / args.batch_size)}"
+            save_checkpoint(engine, checkpoints, tag, at_start, {"rng": rng_state(), "progress": progress}, is_main)
+            stop(f"stopped: {loop['skipped_in_a_row']} steps in a row had a non-finite loss or gradient, and none of "
+                 f"them changed the policy (epoch {epoch}); saved {checkpoints}/{tag}. Lower --lr or check the data, "
+                 "then run the same command with --resume.", 3, is_main)
 
         # 7. log: one line per epoch, and metrics.jsonl
+        sums = progress["sums"].to(device)
         torch.distributed.all_reduce(sums)
-        sq, cr, tokens, tgt, samples, eos = sums.tolist()
-        record = {"epoch": epoch, "loss": sq / max(tokens, 1), "credit": cr / max(tokens, 1),
-                  "target_logp": tgt / max(tokens, 1), "response_tokens": int(tokens),
-                  "mean_response_length": tokens / samples, "eos_rate": eos / samples,
-                  "sample_seconds": round(t1 - t0, 2), "score_seconds": round(t2 - t1, 2),
-                  "train_seconds": round(t3 - t2, 2)}
+        sq, cr, trained, tgt, tokens, samples, eos = sums.tolist()
+        sample_s, score_s, train_s = progress["seconds"]
+        record = {"epoch": epoch, "loss": sq / max(trained, 1), "credit": cr / max(trained, 1),
+                  "target_logp": tgt / max(trained, 1), "response_tokens": int(tokens),
+                  "mean_response_length": tokens / max(samples, 1), "eos_rate": eos / max(samples, 1),
+                  "skipped_steps": progress["skipped"], "sample_seconds": round(sample_s, 2),
+                  "score_seconds": round(score_s, 2), "train_seconds": round(train_s, 2)}
+        progress = None
         if is_main:
             print(f"epoch {epoch}/{args.epochs}  loss {record['loss']:.4f}  credit {record['credit']:+.4f}  "
                   f"tokens {record['response_tokens']}  len {record['mean_response_length']:.1f}  "
-                  f"eos {record['eos_rate']:.2f}  sample {t1 - t0:.1f}s  score {t2 - t1:.1f}s  train {t3 - t2:.1f}s",
-                  flush=True)
+                  f"eos {record['eos_rate']:.2f}  " + (f"skipped {record['skipped_steps']}  " if record["skipped_steps"]
+                                                       else "")
+                  + f"sample {sample_s:.1f}s  score {score_s:.1f}s  train {train_s:.1f}s", flush=True)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        loop.update(epoch=epoch, stream=stream, data_order=data_order.getstate())
+        stopping = interruption.agreed(device)
+        if stopping or epoch == args.epochs or (args.save_every and epoch % args.save_every == 0):
+            save_checkpoint(engine, checkpoints, f"epoch-{epoch}", loop, {"rng": rng_state(), "progress": None},
+                            is_main)
+        if stopping:
+            interrupted(f"after epoch {epoch}", f"epoch-{epoch}")
         if args.snapshot_every and epoch % args.snapshot_every == 0 and epoch < args.epochs:
             save_policy(engine, tokenizer, hub_generation_config, os.path.join(args.output_dir, f"epoch-{epoch}"),
                         is_main)

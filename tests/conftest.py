@@ -33,12 +33,17 @@ def world_model(tmp_path_factory):
     return path
 
 
-def run_iqstar(args, launcher=None, timeout=600, script=os.path.join(ROOT, "iqstar.py")):
-    """Run the real script in a subprocess: `python iqstar.py ...` or under a launcher prefix (deepspeed)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+def iqstar_command(args, launcher=None, script=os.path.join(ROOT, "iqstar.py"), env=None):
+    """The command line and environment of `python iqstar.py ...`, or of it under a launcher prefix (deepspeed)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    command = (launcher or [sys.executable]) + ([script] if script else []) + [str(a) for a in args]
+    return (launcher or [sys.executable]) + ([script] if script else []) + [str(a) for a in args], env
+
+
+def run_iqstar(args, launcher=None, timeout=600, script=os.path.join(ROOT, "iqstar.py"), env=None):
+    """Run the real script in a subprocess, to the end."""
+    command, env = iqstar_command(args, launcher, script, env)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
