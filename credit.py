@@ -221,11 +221,12 @@ def token_texts(tokenizer, ids):
 
 
 def view(args):
+    conversations = read_conversations(args)
     models = Models(args)
     torch.manual_seed(args.seed)
     sampler = models.policy or models.reference  # the response π_θ would write (before training: the SFT model)
     sections = []
-    for messages in read_conversations(args):
+    for messages in conversations:
         plain, principled = models.prompts(messages)
         if args.response is not None:
             response = models.tokenizer(args.response, add_special_tokens=False)["input_ids"] + models.eos_token_ids[:1]
@@ -406,11 +407,12 @@ def alpha_label(alpha):
 
 
 def preview(args):
+    conversations = read_conversations(args)
     models = Models(args)
     torch.manual_seed(args.seed)
     width = shutil.get_terminal_size().columns
     column = (width - 3 * (len(args.alphas) - 1)) // len(args.alphas)
-    for messages in read_conversations(args):
+    for messages in conversations:
         plain, principled = models.prompts(messages)
         columns = []
         for alpha in args.alphas:
