@@ -271,7 +271,7 @@ def html_page(sections, args):
         (r, g, b), strength = shade(values[0], bound)
         tip = " | ".join(f"{name} {value:+.3f}" for name, value in zip(labels, values))
         shown = html.escape(text).replace("\n", "↵\n") or "&#8203;"  # a zero-width body keeps empty tokens hoverable
-        ink = "#fff" if strength > 0.6 else "#111"
+        ink = "#fff" if strength > 0.8 else "#111"
         return (f'<span class="tok" tabindex="0" data-credit="{values[0]:+.4f}" title="{tip}" data-tip="{tip}" '
                 f'style="background:rgb({r},{g},{b});color:{ink}">{shown}</span>')
 
@@ -352,12 +352,12 @@ def terminal_text(sections, color):
 
 def ansi(text, value, bound):
     (r, g, b), strength = shade(value, bound)
-    ink = "38;2;255;255;255" if strength > 0.6 else "38;2;0;0;0"
+    ink = "38;2;255;255;255" if strength > 0.8 else "38;2;0;0;0"
     if os.environ.get("COLORTERM") in ("truecolor", "24bit"):
         background = f"48;2;{r};{g};{b}"
     else:  # the 6×6×6 cube of 256-colour terminals
         background = "48;5;" + str(16 + sum(round(c / 255 * 5) * w for c, w in zip((r, g, b), (36, 6, 1))))
-        ink = "97" if strength > 0.6 else "30"
+        ink = "97" if strength > 0.8 else "30"
     return f"\x1b[{background};{ink}m{text}\x1b[0m"
 
 
