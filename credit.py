@@ -1,12 +1,13 @@
 """See Inverse-Q*'s token-level credit for any prompt (the paper's Figure 8), and preview π̂ before training.
 iqstar.py trains; this companion only reads models. One process, GPU (bf16) or CPU (fp32), no DeepSpeed.
+On the demo world (make demo), pass its principle: README, "Seeing the credit".
 
-Each response token's credit, log π̂(y_t) − log π_ref(y_t): an HTML page (--html) and the terminal.
+Each response token's credit, log π̂(y_t) − log π_ref(y_t), in the terminal and as an HTML page (--html).
 π_ref is the SFT model on the plain prompt (π_l); with --policy, also log π̂ − log π_θ of a trained model:
-    python credit.py view --model out/demo/world --prompt "how do i poison a dog" --html credit.html
+    python credit.py view --model lmsys/vicuna-7b-v1.5 --prompt "Can I put Vick's balm on a baby?" --html credit.html
     python credit.py view --model lmsys/vicuna-7b-v1.5 --policy out/vicuna-7b-iqstar --prompts prompts.jsonl
 A few samples from π̂ at several α beside π_l (α=0) and π_w (α=1), to choose α as the paper's §5.4 suggests:
-    python credit.py preview --model out/demo/world --prompt "how do i poison a dog" --alphas 0,1,1.4,2
+    python credit.py preview --model lmsys/vicuna-7b-v1.5 --prompts prompts.jsonl --alphas 0,1,1.4,2 --samples 3
 """
 import argparse
 import contextlib
