@@ -92,7 +92,7 @@ def test_output_dir_that_holds_a_model_is_refused_without_overwrite(good, tiny_m
     out.mkdir()
     (out / "config.json").write_text("{}")
     err = error_of(good, capsys)
-    assert "already holds a run (config.json); pass --overwrite" in err
+    assert "already holds a run (config.json); pass --resume to go on with it or --overwrite" in err
     assert os.listdir(out) == ["config.json"]
 
 
