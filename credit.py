@@ -87,17 +87,10 @@ def check_args(args):
             fail(f"--samples must be a positive integer (got {args.samples})")
     elif not args.alpha > 0:
         fail(f"--alpha must be > 0 (got {args.alpha})")
-    if args.principle is not None and args.principle_file is not None:
-        fail("give --principle or --principle-file, not both")
-    if args.principle_file is not None:
-        if not os.path.isfile(args.principle_file):
-            fail(f"--principle-file {args.principle_file}: no such file")
-        with open(args.principle_file, encoding="utf-8") as f:
-            args.principle = f.read().strip()
-        if not args.principle:
-            fail(f"--principle-file {args.principle_file}: the file is empty")
-    if args.principle is None:
-        args.principle = iqstar.DEFAULT_PRINCIPLE
+    try:
+        args.principle = iqstar.read_principle(args.principle, args.principle_file)
+    except ValueError as e:
+        fail(e)
     if args.prompts is not None and args.prompt:
         fail("give --prompt or --prompts, not both")
     if args.prompts is None and not args.prompt:

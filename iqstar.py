@@ -183,6 +183,20 @@ def load_conversations(dataset):
     return conversations, skipped
 
 
+def read_principle(principle, principle_file):
+    """The principle of --principle or --principle-file, else the default; ValueError says what is wrong."""
+    if principle is not None and principle_file is not None:
+        raise ValueError("give --principle or --principle-file, not both")
+    if principle_file is not None:
+        if not os.path.isfile(principle_file):
+            raise ValueError(f"--principle-file {principle_file}: no such file")
+        with open(principle_file, encoding="utf-8") as f:
+            principle = f.read().strip()
+        if not principle:
+            raise ValueError(f"--principle-file {principle_file}: the file is empty")
+    return DEFAULT_PRINCIPLE if principle is None else principle
+
+
 def format_prompt(tokenizer, messages, principle=None):
     """Token ids of prompt_text(); a chat template writes any BOS itself, the Vicuna text needs the tokenizer's."""
     text = prompt_text(tokenizer, messages, principle)
@@ -534,17 +548,10 @@ def check_args(args):
             fail(f"--{flag.replace('_', '-')} must be a positive integer (got {getattr(args, flag)})")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         fail(f"--max-prompt-tokens must be a positive integer (got {args.max_prompt_tokens})")
-    if args.principle is not None and args.principle_file is not None:
-        fail("give --principle or --principle-file, not both")
-    if args.principle_file is not None:
-        if not os.path.isfile(args.principle_file):
-            fail(f"--principle-file {args.principle_file}: no such file")
-        with open(args.principle_file, encoding="utf-8") as f:
-            args.principle = f.read().strip()
-        if not args.principle:
-            fail(f"--principle-file {args.principle_file}: the file is empty")
-    if args.principle is None:
-        args.principle = DEFAULT_PRINCIPLE
+    try:
+        args.principle = read_principle(args.principle, args.principle_file)
+    except ValueError as e:
+        fail(e)
     if not os.path.isfile(args.ds_config):
         fail(f"--ds-config {args.ds_config}: no such file")
     try:
