@@ -1,7 +1,7 @@
 """iqstar.py with faults injected at given calls, for the tests of runs that survive.
 
 IQSTAR_FAULTS is JSON, e.g. {"nan_loss": [2], "nan_grad": [4], "nan_loss_from": 1, "sigterm_train": 8,
-"sigterm_sample": 3}: numbers count calls of policy_loss (one per training step) or sample_responses
+"sigterm_sample": 3, "rank": 1}: numbers count calls of policy_loss (one per training step) or sample_responses
 (one per rollout batch) from the start of this process.
 """
 import json
@@ -15,6 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import iqstar  # noqa: E402
 
 faults = json.loads(os.environ.get("IQSTAR_FAULTS", "{}"))
+if "rank" in faults and int(os.environ.get("RANK", 0)) != faults["rank"]:  # {"rank": 1, ...}: on that rank only
+    faults = {}
 calls = {"train": 0, "sample": 0}
 policy_loss, sample_responses = iqstar.policy_loss, iqstar.sample_responses
 

@@ -102,6 +102,21 @@ def test_ctrl_c_from_outside_at_any_moment(world_model, straight, tmp_path):
     assert_same_run(out, straight)
 
 
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_both_and_they_resume_as_one_run(world_model, tmp_path):
+    """Two DeepSpeed ranks; SIGTERM reaches rank 1 only, in epoch 2's first step. Rank 0 learns it at the next
+    check, both save their part of one checkpoint, and the resumed run equals an uninterrupted one."""
+    from test_train import deepspeed_launcher
+    straight, out = str(tmp_path / "straight"), str(tmp_path / "run")
+    ok(run_iqstar(world_args(world_model, straight, 2), launcher=deepspeed_launcher(2)))
+    stopped = run_iqstar(world_args(world_model, out, 2), launcher=deepspeed_launcher(2), script=FAULTY,
+                         env={"IQSTAR_FAULTS": json.dumps({"sigterm_train": 3, "rank": 1})})
+    assert stopped.returncode != 0
+    assert f"stopped by SIGTERM while training epoch 2; saved {out}/checkpoints/epoch-2-step-1" in stopped.stderr
+    ok(run_iqstar(world_args(world_model, out, 2) + ["--resume"], launcher=deepspeed_launcher(2)))
+    assert_same_run(out, straight)
+
+
 def test_non_finite_steps_are_skipped_and_counted(world_model, tmp_path):
     out = str(tmp_path / "run")
     faults = {"nan_loss": [2], "nan_grad": [4]}  # step 2 of epoch 1, step 1 of epoch 2
