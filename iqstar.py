@@ -351,7 +351,7 @@ def superior_targets(model_w, model_l, principled, plain, responses, alpha, pad_
 
 @torch.no_grad()
 def chunked_superior_logprobs(head_w, hidden_w, head_l, hidden_l, token_ids, alpha, chunk_elements=LOGIT_CHUNK):
-    """log π̂(y_t) from the two models' hidden states, a chunk of positions at a time: (B, T, H) ×2, (B, T) -> (B, T).
+    """log π̂(y_t) from the two models' hidden states, chunk by chunk: (B, T, H) ×2, (B, T) -> (B, T).
 
     α log π_w + (1−α) log π_l differs from α z_w + (1−α) z_l by one constant per position, which π̂'s
     renormalisation removes: so the mixture is built from raw logits, in one (B, c, V) tensor per chunk.

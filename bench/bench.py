@@ -155,8 +155,9 @@ def main():
         "bench_seconds": round(time.time() - started),
     }
     s, m, d = figures["sampling_tokens_per_s"], figures["logprob_peak_memory_gib"], figures["demo_seconds_per_epoch"]
-    print(f"\nmachine: {figures['machine']['cpu']}, {figures['machine']['cores']} cores, "
-          f"{figures['machine']['memory_gib']} GiB, torch {figures['machine']['torch']}, GPU: {figures['machine']['gpu']}")
+    host = figures["machine"]
+    print(f"\nmachine: {host['cpu']}, {host['cores']} cores, {host['memory_gib']} GiB, torch {host['torch']}, "
+          f"GPU: {host['gpu']}")
     print(f"{'':44s}{'before':>14s}{'after':>14s}{'after/before':>14s}")
     print(f"{'sampling tokens/s, 2 ranks ZeRO-3':44s}{s['layer_by_layer']:>14.1f}{s['gathered']:>14.1f}"
           f"{s['ratio']:>13.2f}×   (layer by layer -> gathered; target ≥ 5×)")

@@ -1,6 +1,7 @@
 """Sampling tokens/s of a ZeRO-3 policy, layer by layer (synced generate) and gathered (gathered_for_generation).
 
-Run by bench/bench.py under `deepspeed --num_gpus 2 bench/sample_speed.py MODEL OUT.json [PROMPTS TOKENS]`; rank 0 writes the figures.
+Run by bench/bench.py under `deepspeed --num_gpus 2 bench/sample_speed.py MODEL OUT.json [PROMPTS TOKENS]`;
+rank 0 writes the figures.
 Every response is forced to its full length (min_new_tokens), so both modes generate the same number of tokens.
 """
 import json
