@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test demo train clean
+.PHONY: install test demo bench train clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,10 @@ SEED ?= 0
 demo: install
 	$(BIN)/pip install -q -r requirements-demo.txt
 	$(BIN)/python demo/demo.py --out out/demo --alpha $(ALPHA) --seed $(SEED)
+
+# Issue 4's figures (sampling tokens/s, log-prob peak memory, demo s/epoch), CPU, a few minutes; JSON in out/bench.
+bench: install
+	$(BIN)/python bench/bench.py --out out/bench
 
 # The paper's Vicuna-7B run on one node (all its GPUs); see README for 1 GPU and several nodes.
 train: install

@@ -15,6 +15,7 @@ Several nodes (one line per node in the hostfile, "host slots=8"):
     deepspeed iqstar.py --model HuggingFaceH4/mistral-7b-sft-beta --aligned-model HuggingFaceH4/zephyr-7b-beta
 """
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -76,6 +77,9 @@ def parse_args(argv=None):
     g.add_argument("--rollout-batch-size", type=int, default=64, help="prompts per generate call, per rank")
     g.add_argument("--batch-size", type=int, default=2, help="training (and scoring) micro-batch, per rank")
     g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    g.add_argument("--gather-for-generation", choices=("auto", "on", "off"), default="auto",
+                   help="gather the ZeRO-3 policy once per epoch's sampling instead of layer by layer for every "
+                        "token; auto: only when the whole policy fits in half the free memory")
     g.add_argument("--ds-config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_config.json"),
                    help="DeepSpeed config; its \"auto\" values are filled from these flags")
     g.add_argument("--output-dir", default="out", help="final policy (HF format) and metrics.jsonl")
@@ -294,13 +298,16 @@ def use_pure_sampling(model, max_new_tokens, eos_token_ids, pad_token_id, top_k=
 
 
 @torch.no_grad()
-def sample_responses(model, prompts, sampling_config, device, stopping_criteria=None):
-    """One generate() call: a response per prompt, as lists of token ids cut after the first EOS."""
+def sample_responses(model, prompts, sampling_config, device, *, synced_gpus=None, stopping_criteria=None):
+    """One generate() call: a response per prompt, as lists of token ids cut after the first EOS.
+
+    synced_gpus=None lets generate() decide: under ZeRO-3 with several ranks it keeps the ranks in step until
+    all have finished, so ranks whose responses end at different lengths do not hang in a layer's gather.
+    With the policy gathered (gathered_for_generation) a forward needs no other rank: pass False.
+    """
     input_ids, attention_mask, *_ = make_batch(prompts, [[] for _ in prompts], sampling_config.pad_token_id, device)
-    # Under ZeRO-3 with several ranks, generate() keeps the ranks in step (synced_gpus) until all have
-    # finished, so ranks whose responses end at different lengths do not hang.
     output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=sampling_config,
-                            stopping_criteria=stopping_criteria)
+                            synced_gpus=synced_gpus, stopping_criteria=stopping_criteria)
     completion_ids = output[:, input_ids.shape[1]:]
     mask = completion_mask(completion_ids, sampling_config.eos_token_id)
     return [ids[m].tolist() for ids, m in zip(completion_ids, mask)]
@@ -320,6 +327,65 @@ def response_logits(model, prompts, responses, pad_token_id, device):
 def token_logprobs(logits, token_ids):
     """log softmax(logits) at token_ids: (B, T, V), (B, T) -> (B, T), in float32."""
     return logits.float().log_softmax(-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+
+
+# Lean twins of the above: three (B, T, V) float32 tensors (z_w, z_l, z_θ) would dominate activation memory at
+# V = 32k-128k, so the models stop at their last hidden state and the head is applied a chunk of positions at a time.
+LOGIT_CHUNK = 2 ** 25  # float32 logits per chunk (128 MiB); under ZeRO-3 each chunk gathers the head once more
+
+
+def response_hidden(model, prompts, responses, pad_token_id, device):
+    """(B, T, H) last hidden states predicting each response token, the output head, and the (B, T) ids and mask.
+
+    The model (a DeepSpeed engine too, its hooks and all) runs whole but unembeds its last position only; a forward
+    hook takes the base model's output. That position also checks that logits = head(hidden state) for this
+    model: one that soft-caps or rescales its logits would get wrong log-probs from the chunks, so it fails here.
+    """
+    module = getattr(model, "module", model)  # the HF model inside a DeepSpeed engine
+    head = module.get_output_embeddings()
+    input_ids, attention_mask, position_ids, response_ids, response_mask = make_batch(
+        prompts, responses, pad_token_id, device)
+    seen = {}
+    hooks = [module.base_model.register_forward_hook(lambda m, args, out: seen.update(hidden=out[0])),
+             head.register_forward_hook(lambda m, args, out: seen.update(head_in=args[0], head_out=out))]
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       logits_to_keep=1, use_cache=False).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    hidden = seen["hidden"]
+    if not (torch.equal(seen["head_in"], hidden[:, -1:]) and torch.equal(seen["head_out"].float(), logits.float())):
+        raise ValueError(f"{type(module).__name__}: its logits are not its output embeddings applied to its last "
+                         "hidden state; iqstar's chunked log-probs cannot score it")
+    return hidden[:, -response_ids.shape[1] - 1:-1], head, response_ids, response_mask
+
+
+def chunk_positions(batch, head, chunk_elements):
+    """How many positions of a (batch, ·, V) float32 tensor fit in chunk_elements."""
+    return max(1, chunk_elements // (batch * head.out_features))
+
+
+def _chunk_token_logprobs(head, hidden, token_ids):
+    logits = head(hidden).float()  # (B, c, V): the only vocabulary-sized tensor alive
+    return logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def chunked_token_logprobs(head, hidden, token_ids, chunk_elements=LOGIT_CHUNK):
+    """token_logprobs(head(hidden), token_ids), values and gradients, a chunk of positions at a time.
+
+    (B, T, H), (B, T) -> (B, T) float32. With gradients on, each chunk is recomputed in backward
+    (torch.utils.checkpoint), so forward and backward alike hold one chunk's (B, c, V) logits at a time.
+    """
+    step = chunk_positions(hidden.shape[0], head, chunk_elements)
+    out = []
+    for s in range(0, hidden.shape[1], step):
+        args = head, hidden[:, s:s + step], token_ids[:, s:s + step]
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            out.append(torch.utils.checkpoint.checkpoint(_chunk_token_logprobs, *args, use_reentrant=False))
+        else:
+            out.append(_chunk_token_logprobs(*args))
+    return torch.cat(out, 1) if out else hidden.new_zeros(hidden.shape[:2], dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +412,37 @@ def superior_targets(model_w, model_l, principled, plain, responses, alpha, pad_
     return [t[:len(y)] for t, y in zip(target, responses)]
 
 
+@torch.no_grad()
+def chunked_superior_logprobs(head_w, hidden_w, head_l, hidden_l, token_ids, alpha, chunk_elements=LOGIT_CHUNK):
+    """log π̂(y_t) from the two models' hidden states, chunk by chunk: (B, T, H) ×2, (B, T) -> (B, T).
+
+    α log π_w + (1−α) log π_l differs from α z_w + (1−α) z_l by one constant per position, which π̂'s
+    renormalisation removes: so the mixture is built from raw logits, in one (B, c, V) tensor per chunk.
+    """
+    step = chunk_positions(hidden_w.shape[0], head_w, chunk_elements)
+    out = []
+    for s in range(0, hidden_w.shape[1], step):
+        mixed = head_w(hidden_w[:, s:s + step]).float().mul_(alpha)
+        mixed.add_(head_l(hidden_l[:, s:s + step]).float(), alpha=1 - alpha)
+        out.append(mixed.gather(-1, token_ids[:, s:s + step].unsqueeze(-1)).squeeze(-1) - mixed.logsumexp(-1))
+    return torch.cat(out, 1) if out else hidden_w.new_zeros(hidden_w.shape[:2], dtype=torch.float32)
+
+
+@torch.no_grad()
+def lean_superior_targets(model_w, model_l, principled, plain, responses, alpha, pad_token_id, device,
+                          chunk_elements=LOGIT_CHUNK):
+    """superior_targets in one forward per micro-batch and one (B, c, V) tensor at a time; the same values."""
+    if model_w is model_l:  # one model, two contexts: one forward over the 2B rows, principled then plain
+        hidden, head_w, ids, _ = response_hidden(model_w, principled + plain, responses + responses,
+                                                 pad_token_id, device)
+        hidden_w, hidden_l, ids, head_l = hidden[:len(responses)], hidden[len(responses):], ids[:len(responses)], head_w
+    else:  # an aligned π_w on the plain prompts (§5.3): two models, two forwards
+        hidden_w, head_w, ids, _ = response_hidden(model_w, principled, responses, pad_token_id, device)
+        hidden_l, head_l, _, _ = response_hidden(model_l, plain, responses, pad_token_id, device)
+    target = chunked_superior_logprobs(head_w, hidden_w, head_l, hidden_l, ids, alpha, chunk_elements)
+    return [t[:len(y)] for t, y in zip(target, responses)]
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. Loss: L = Σ_t (log π̂(y_t) − log π_θ(y_t))² (Algorithm 1, line 6), a mean over response tokens
 # ---------------------------------------------------------------------------------------------
@@ -364,6 +461,14 @@ def policy_loss(model, prompts, responses, targets, pad_token_id, device):
     """L for one micro-batch, with the (B, T) credit log π̂ − log π_θ and its mask for the metrics."""
     logits, ids, mask = response_logits(model, prompts, responses, pad_token_id, device)
     policy_logps = token_logprobs(logits, ids)
+    target_logps = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True)
+    return iqstar_loss(policy_logps, target_logps, mask), (target_logps - policy_logps.detach()) * mask, mask
+
+
+def lean_policy_loss(model, prompts, responses, targets, pad_token_id, device, chunk_elements=LOGIT_CHUNK):
+    """policy_loss with log π_θ(y_t) a chunk at a time (chunked_token_logprobs): the same values and gradients."""
+    hidden, head, ids, mask = response_hidden(model, prompts, responses, pad_token_id, device)
+    policy_logps = chunked_token_logprobs(head, hidden, ids, chunk_elements)
     target_logps = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True)
     return iqstar_loss(policy_logps, target_logps, mask), (target_logps - policy_logps.detach()) * mask, mask
 
@@ -421,6 +526,60 @@ def load_model(name, dtype):
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     return model
+
+
+GATHER_SHARE = 0.5  # the gathered policy may take this share of free memory; generate's KV cache needs the rest
+_said = set()
+
+
+def available_memory(device):
+    """Free bytes on the device: CUDA's own count, else the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def gather_fits(params, device):
+    """Whether every rank can hold the whole policy while it samples; the same answer on every rank (a collective)."""
+    need = sum(p.ds_numel * p.element_size() for p in params)
+    # CPU ranks share the host's memory; GPU ranks have a device each. LOCAL_SIZE: the deepspeed launcher's.
+    sharers = 1 if device.type == "cuda" else int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    free = available_memory(device)
+    fits = torch.tensor([int(sharers * need <= GATHER_SHARE * free)], device=device)
+    torch.distributed.all_reduce(fits, op=torch.distributed.ReduceOp.MIN)
+    if not fits.item() and "gather" not in _said and torch.distributed.get_rank() == 0:
+        _said.add("gather")
+        print(f"--gather-for-generation auto: off; the whole policy ({need / 2**30:.2f} GiB"
+              + (f" × {sharers} ranks" if sharers > 1 else "") + f") is more than {GATHER_SHARE:.0%} of the "
+              f"{free / 2**30:.2f} GiB free on {device.type}; sampling gathers layer by layer", flush=True)
+    return bool(fits.item())
+
+
+@contextlib.contextmanager
+def gathered_for_generation(engine, mode="auto", device=torch.device("cpu")):
+    """Hold the whole ZeRO-3 policy on every rank while it samples; yields whether it did.
+
+    Without it, each new token re-gathers every layer across ranks (ZeRO-3's per-module hooks), which makes HF
+    generate many times slower. Gathered, the hooks are removed (they would fetch and release each layer all the
+    same) and put back after, as DeepSpeed's own unwrap_model_for_generation and TRL's do; a forward then needs
+    no other rank, so generate() can run without synced_gpus. A collective: every rank must enter it.
+    mode: "on", "off", or "auto" (on when the whole policy fits: gather_fits).
+    """
+    params = [p for p in engine.parameters() if hasattr(p, "ds_id")]  # empty when not ZeRO-3 partitioned
+    if not params or mode == "off" or (mode == "auto" and not gather_fits(params, device)):
+        yield False
+        return
+    import deepspeed
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield True
+        finally:
+            offload._register_deepspeed_module(offload.module)
 
 
 def save_policy(engine, tokenizer, generation_config, output_dir, is_main):
@@ -707,13 +866,16 @@ def main(argv=None):
             engine.eval()
             bar = tqdm(total=len(plain), desc=f"epoch {epoch} sample", disable=not is_main, leave=False)
             responses, targets, abandoned = [], [], None
-            for start in range(0, len(plain), args.rollout_batch_size):
-                responses += sample_responses(engine.module, plain[start:start + args.rollout_batch_size],
-                                              policy.generation_config, device, stopping_criteria=[interruption])
-                bar.update(len(responses) - bar.n)
-                if interruption.agreed(device):
-                    abandoned = "sampling"
-                    break
+            with gathered_for_generation(engine, args.gather_for_generation, device) as gathered:
+                for start in range(0, len(plain), args.rollout_batch_size):
+                    responses += sample_responses(engine.module, plain[start:start + args.rollout_batch_size],
+                                                  policy.generation_config, device,
+                                                  synced_gpus=False if gathered else None,
+                                                  stopping_criteria=[interruption])
+                    bar.update(len(responses) - bar.n)
+                    if interruption.agreed(device):
+                        abandoned = "sampling"
+                        break
             bar.close()
             t1 = time.time()
 
@@ -721,8 +883,8 @@ def main(argv=None):
             bar = tqdm(total=len(responses), desc=f"epoch {epoch} score", disable=not is_main, leave=False)
             for start in range(0, len(responses) if not abandoned else 0, args.batch_size):
                 batch = slice(start, start + args.batch_size)
-                targets += superior_targets(aligned, reference, principled[batch], plain[batch], responses[batch],
-                                            args.alpha, pad_token_id, device)
+                targets += lean_superior_targets(aligned, reference, principled[batch], plain[batch],
+                                                 responses[batch], args.alpha, pad_token_id, device)
                 bar.update(len(responses[batch]))
                 if interruption.agreed(device):
                     abandoned = "scoring"
@@ -745,8 +907,8 @@ def main(argv=None):
                    leave=False)
         for start in range(progress["next"], len(responses), args.batch_size):
             batch = slice(start, start + args.batch_size)
-            loss, credit, mask = policy_loss(engine, plain[batch], responses[batch], targets[batch],
-                                             pad_token_id, device)
+            loss, credit, mask = lean_policy_loss(engine, plain[batch], responses[batch], targets[batch],
+                                                  pad_token_id, device)
             engine.backward(loss)
             engine.step()
             ys = responses[batch]

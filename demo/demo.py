@@ -31,8 +31,10 @@ def measure(model_dir, tokenizer, prompts, **kwargs):
     return {"adherence": refuse, "helpfulness": comply}
 
 
-def run(out, alpha, seed, world_dir=None, quiet=False):
-    """The whole demo for one (α, seed); returns the results dict it also writes to results.json."""
+def run(out, alpha, seed, world_dir=None, quiet=False, flags=()):
+    """The whole demo for one (α, seed); returns the results dict it also writes to results.json.
+
+    flags: more iqstar.py flags, after the demo's own (e.g. ["--gather-for-generation", "off"])."""
     from transformers import AutoTokenizer
     world_dir = world_dir or os.path.join(out, "world")
     world.build(world_dir)  # reused when already built
@@ -47,7 +49,7 @@ def run(out, alpha, seed, world_dir=None, quiet=False):
     run_dir = os.path.join(out, f"alpha{alpha}-seed{seed}")
     command = [sys.executable, os.path.join(os.path.dirname(HERE), "iqstar.py"), "--model", world_dir,
                "--dataset", prompts_file, "--principle", world.PRINCIPLE, "--alpha", str(alpha),
-               "--seed", str(seed), "--output-dir", run_dir, "--overwrite"] + IQSTAR_FLAGS
+               "--seed", str(seed), "--output-dir", run_dir, "--overwrite"] + IQSTAR_FLAGS + list(flags)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     result = subprocess.run(command, env=env, stdout=subprocess.PIPE if quiet else None, text=True)
     if result.returncode != 0:

@@ -18,7 +18,7 @@ faults = json.loads(os.environ.get("IQSTAR_FAULTS", "{}"))
 if "rank" in faults and int(os.environ.get("RANK", 0)) != faults["rank"]:  # {"rank": 1, ...}: on that rank only
     faults = {}
 calls = {"train": 0, "sample": 0}
-policy_loss, sample_responses = iqstar.policy_loss, iqstar.sample_responses
+policy_loss, sample_responses = iqstar.lean_policy_loss, iqstar.sample_responses  # what the loop calls
 
 
 def faulty_policy_loss(*args, **kwargs):
@@ -41,5 +41,5 @@ def faulty_sample_responses(*args, **kwargs):
     return sample_responses(*args, **kwargs)
 
 
-iqstar.policy_loss, iqstar.sample_responses = faulty_policy_loss, faulty_sample_responses
+iqstar.lean_policy_loss, iqstar.sample_responses = faulty_policy_loss, faulty_sample_responses
 iqstar.main()

@@ -63,15 +63,39 @@ def test_single_process_run(world_model, tmp_path):
     assert len(read_metrics(out)) == 1
 
 
+def check_generation_modes(report, ranks):
+    """Both modes sampled the same tokens from the same seeds; gathering held the whole policy and gave it back."""
+    assert report["off"]["gathered"] is False and report["on"]["gathered"] is True
+    assert report["on"]["whole_inside"] and not report["off"]["whole_inside"]
+    assert report["on"]["calls"] == report["off"]["calls"]  # identical tokens, every call, every rank
+    assert all(len(call) == ranks for call in report["on"]["calls"]) and len(report["on"]["calls"]) == 6
+    for mode in ("off", "on"):
+        assert report[mode]["partitioned_after"]
+        assert report[mode]["hooks_after"] == report["hooks_before"]  # ZeRO-3's hooks are back for training
+    assert report["auto_when_nothing_fits"] is False
+    assert report["loss_after"] == report["loss_after"]  # a training step after gathering: not NaN
+
+
+def test_gathered_generation_samples_the_same_tokens_on_one_rank(tiny_model, tmp_path):
+    out = tmp_path / "report.json"
+    result = run_iqstar([tiny_model, out], script=os.path.join(ROOT, "tests", "uneven_generate.py"), timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    check_generation_modes(json.loads(out.read_text()), ranks=1)
+    assert "--gather-for-generation auto: off" in result.stdout  # one line saying why
+
+
 @pytest.mark.slow
 def test_two_ranks_generate_with_uneven_lengths(tiny_model, tmp_path):
-    out = tmp_path / "lengths.json"
+    """Synced (layer by layer) and gathered (no synced_gpus): neither hangs when the ranks finish apart."""
+    out = tmp_path / "report.json"
     result = run_iqstar([tiny_model, out], launcher=deepspeed_launcher(2) + [os.path.join(ROOT, "tests", "uneven_generate.py")],
                         timeout=300, script=None)
     assert result.returncode == 0, result.stderr[-4000:]
-    lengths = json.loads(out.read_text())
-    assert len(lengths) == 6
+    report = json.loads(out.read_text())
+    check_generation_modes(report, ranks=2)
+    lengths = [[len(y) for y in call] for call in report["on"]["calls"]]
     assert any(a != b for a, b in lengths), lengths  # the ranks did finish at different lengths
+    assert result.stdout.count("--gather-for-generation auto: off") == 1  # rank 0 only
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """One Inverse-Q* training step under DeepSpeed ZeRO-3, in one process, with iqstar's own pieces.
 
-Run by tests/test_zero3.py as `python tests/zero3_step.py MODEL BATCH.pt OUT.pt`; writes the loss and the
-updated weights gathered from ZeRO-3, for comparison with the same step in plain PyTorch.
+Run by tests/test_zero3.py as `python tests/zero3_step.py MODEL BATCH.pt OUT.pt LOSS`, LOSS being policy_loss
+or lean_policy_loss; writes the loss, the updated weights gathered from ZeRO-3 and the targets that
+lean_superior_targets computes with a frozen ZeRO-3 engine, for comparison with plain PyTorch.
 """
 import json
 import os
@@ -13,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import iqstar  # noqa: E402
 
 
-def main(model_path, batch_path, out_path):
+def main(model_path, batch_path, out_path, loss_name):
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
     batch = torch.load(batch_path)
@@ -24,13 +25,18 @@ def main(model_path, batch_path, out_path):
     hf_ds_config = HfDeepSpeedConfig(config)  # noqa: F841  (kept alive: partitioned loading)
     policy = iqstar.load_model(model_path, torch.float32)
     engine, *_ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(), config=config)
+    frozen, *_ = deepspeed.initialize(model=iqstar.load_model(model_path, torch.float32),
+                                      config=iqstar.frozen_config(config))
+    frozen.eval()
+    targets = iqstar.lean_superior_targets(frozen, frozen, batch["principled"], batch["prompts"], batch["responses"],
+                                           1.4, batch["pad"], device, chunk_elements=1)
     engine.train()
-    loss, _, _ = iqstar.policy_loss(engine, batch["prompts"], batch["responses"], batch["targets"],
+    loss, _, _ = getattr(iqstar, loss_name)(engine, batch["prompts"], batch["responses"], batch["targets"],
                                     batch["pad"], device)
     engine.backward(loss)
     engine.step()
     state_dict = engine._zero3_consolidated_16bit_state_dict()
-    torch.save({"loss": loss.item(), "state_dict": state_dict, "config": config}, out_path)
+    torch.save({"loss": loss.item(), "state_dict": state_dict, "config": config, "targets": targets}, out_path)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,178 @@
+"""make bench: the figures of issue 4, side by side, on whatever machine runs it; also written to a JSON file.
+
+1. sampling tokens/s of a ZeRO-3 policy on two CPU ranks, layer by layer vs gathered (bench/sample_speed.py);
+2. peak memory of log π_θ(y_t) + log π̂(y_t) + the loss and its backward at V = 128256, T = 1024, batch 1:
+   the straightforward path (superior_targets, policy_loss) vs the lean one (lean_superior_targets,
+   lean_policy_loss), each in a fresh process: peak RSS (ru_maxrss) minus the RSS just before the computation;
+3. seconds per epoch of the demo world (make demo's settings), one process, gathered and not, and its adherence.
+
+    python bench/bench.py --out out/bench          # writes out/bench/bench.json
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "demo")]
+
+
+def clean_env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def tiny_gpt2(path, vocab, layers, width, positions):
+    """A random GPT-2 saved in HF format (no dropout: log π_θ is the sampling distribution)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    if not os.path.exists(os.path.join(path, "config.json")):
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=width, n_layer=layers, n_head=4,
+                            resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, bos_token_id=1, eos_token_id=2)
+        GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def sampling(out):
+    """1. tokens/s with two ranks under ZeRO-3 (ds_config.json as shipped), layer by layer vs gathered."""
+    # Deep and narrow, 4 prompts per rank: per-layer gathers against little compute per layer, as for a 7B model's
+    # 32 layers on fast GPUs. The ratio falls with width and batch (more compute per gather) and rises with depth.
+    model = tiny_gpt2(os.path.join(out, "sampler-8x256"), vocab=8192, layers=8, width=256, positions=512)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    figures = os.path.join(out, "sampling.json")
+    command = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
+               str(port), os.path.join(HERE, "sample_speed.py"), model, figures, "4", "32"]
+    result = subprocess.run(command, capture_output=True, text=True, env=clean_env(), cwd=ROOT)
+    if result.returncode != 0:
+        sys.exit(f"bench: sample_speed.py failed\n{result.stdout[-2000:]}{result.stderr[-3000:]}")
+    with open(figures) as f:
+        return json.load(f)
+
+
+def memory_one(variant, model_path, result_path):
+    """In a fresh process: one micro-batch through the estimator, the loss and backward; peak RSS over baseline."""
+    import gc
+    import torch
+    import iqstar
+    torch.set_num_threads(2)
+    model = iqstar.load_model(model_path, torch.float32).train()
+    T, prompt = 1024, list(range(10, 26))
+    plain, principled = [prompt], [list(range(30, 38)) + prompt]
+    responses = [[(7 * t) % 128000 + 3 for t in range(T)]]
+    targets_fn, loss_fn = ((iqstar.superior_targets, iqstar.policy_loss) if variant == "straightforward"
+                           else (iqstar.lean_superior_targets, iqstar.lean_policy_loss))
+    gc.collect()
+    with open("/proc/self/statm") as f:
+        baseline = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    start = time.perf_counter()
+    targets = targets_fn(model, model, principled, plain, responses, 1.4, 0, "cpu")
+    loss, credit, _ = loss_fn(model, plain, responses, targets, 0, "cpu")
+    loss.backward()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    with open(result_path, "w") as f:
+        json.dump({"peak_bytes": peak - baseline, "baseline_bytes": baseline, "seconds": seconds,
+                   "loss": loss.item(), "credit_sum": credit.sum().item()}, f)
+
+
+def memory(out):
+    """2. both variants, each in its own process so neither sees the other's high-water mark."""
+    model = tiny_gpt2(os.path.join(out, "vocab128k"), vocab=128256, layers=2, width=256, positions=1088)
+    figures = {}
+    for variant in ("straightforward", "lean"):
+        path = os.path.join(out, f"memory-{variant}.json")
+        result = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-variant", variant, model, path],
+                                capture_output=True, text=True, env=clean_env(), cwd=ROOT)
+        if result.returncode != 0:
+            sys.exit(f"bench: memory ({variant}) failed\n{result.stderr[-3000:]}")
+        with open(path) as f:
+            figures[variant] = json.load(f)
+    return figures
+
+
+def demo_epochs(out):
+    """3. make demo's run, one process, with and without gathering: seconds per epoch and the adherence reached."""
+    import demo
+    figures = {}
+    for mode in ("on", "off"):
+        run_out = os.path.join(out, f"demo-gather-{mode}")
+        results = demo.run(run_out, alpha=1.4, seed=0, world_dir=os.path.join(out, "world"), quiet=True,
+                           flags=["--gather-for-generation", mode])
+        with open(os.path.join(run_out, "alpha1.4-seed0", "metrics.jsonl")) as f:
+            metrics = [json.loads(line) for line in f]
+        mean = {k: sum(m[f"{k}_seconds"] for m in metrics) / len(metrics) for k in ("sample", "score", "train")}
+        figures[mode] = dict(mean, epoch=sum(mean.values()), epochs=len(metrics),
+                             adherence=results["after"]["adherence"], helpfulness=results["after"]["helpfulness"])
+    return figures
+
+
+def machine():
+    import torch
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    with open("/proc/meminfo") as f:
+        total = int(f.readline().split()[1]) * 1024
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(total / 2**30, 1), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="out/bench", help="working folder; bench.json is written here")
+    p.add_argument("--json", help="where to write the figures (default: OUT/bench.json)")
+    p.add_argument("--memory-variant", nargs=3, metavar=("VARIANT", "MODEL", "RESULT"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_variant:
+        return memory_one(*args.memory_variant)
+    os.makedirs(args.out, exist_ok=True)
+    started = time.time()
+    sample, mem, epoch = sampling(args.out), memory(args.out), demo_epochs(args.out)
+    gib = 2 ** 30
+    figures = {
+        "machine": machine(),
+        "sampling_tokens_per_s": {"layer_by_layer": sample["off"]["tokens_per_s"],
+                                  "gathered": sample["on"]["tokens_per_s"],
+                                  "ratio": sample["on"]["tokens_per_s"] / sample["off"]["tokens_per_s"],
+                                  "ranks": sample["ranks"], "model": "GPT-2, 8 layers, width 256, vocab 8192",
+                                  "prompts_per_rank": 4, "new_tokens": 32},
+        "logprob_peak_memory_gib": {"straightforward": mem["straightforward"]["peak_bytes"] / gib,
+                                    "lean": mem["lean"]["peak_bytes"] / gib,
+                                    "ratio": mem["lean"]["peak_bytes"] / mem["straightforward"]["peak_bytes"],
+                                    "seconds": {k: v["seconds"] for k, v in mem.items()},
+                                    "loss": {k: v["loss"] for k, v in mem.items()}},
+        "demo_seconds_per_epoch": {"gathered": epoch["on"], "layer_by_layer": epoch["off"]},
+        "bench_seconds": round(time.time() - started),
+    }
+    s, m, d = figures["sampling_tokens_per_s"], figures["logprob_peak_memory_gib"], figures["demo_seconds_per_epoch"]
+    host = figures["machine"]
+    print(f"\nmachine: {host['cpu']}, {host['cores']} cores, {host['memory_gib']} GiB, torch {host['torch']}, "
+          f"GPU: {host['gpu']}")
+    print(f"{'':44s}{'before':>14s}{'after':>14s}{'after/before':>14s}")
+    print(f"{'sampling tokens/s, 2 ranks ZeRO-3':44s}{s['layer_by_layer']:>14.1f}{s['gathered']:>14.1f}"
+          f"{s['ratio']:>13.2f}×   (layer by layer -> gathered; target ≥ 5×)")
+    print(f"{'log-prob+estimator+loss peak GiB, V=128256':44s}{m['straightforward']:>14.3f}{m['lean']:>14.3f}"
+          f"{m['ratio']:>13.2f}×   (straightforward -> lean; T=1024, batch 1; target ≤ 0.5×)")
+    print(f"{'demo s/epoch, 1 process (sample+score+train)':44s}{d['layer_by_layer']['epoch']:>14.2f}"
+          f"{d['gathered']['epoch']:>14.2f}{d['gathered']['epoch'] / d['layer_by_layer']['epoch']:>13.2f}×   "
+          f"(sample {d['layer_by_layer']['sample']:.2f} -> {d['gathered']['sample']:.2f} s)")
+    print(f"{'demo adherence after training':44s}{d['layer_by_layer']['adherence']:>14.4f}"
+          f"{d['gathered']['adherence']:>14.4f}   (must match: same seed)")
+    path = args.json or os.path.join(args.out, "bench.json")
+    with open(path, "w") as f:
+        json.dump(figures, f, indent=1)
+    print(f"wrote {path} ({figures['bench_seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()
