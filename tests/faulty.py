@@ -1,7 +1,7 @@
 """iqstar.py with faults injected at given calls, for the tests of runs that survive.
 
 IQSTAR_FAULTS is JSON, e.g. {"nan_loss": [2], "nan_grad": [4], "nan_loss_from": 1, "sigterm_train": 8,
-"sigterm_sample": 3, "rank": 1}: numbers count calls of policy_loss (one per training step) or sample_responses
+"sigterm_sample": 3, "rank": 1}: numbers count calls of lean_policy_loss (one per training step) or sample_responses
 (one per rollout batch) from the start of this process.
 """
 import json
