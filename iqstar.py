@@ -773,6 +773,12 @@ def main(argv=None):
              else f"--dataset {args.dataset}: holds no prompts")
 
     rank, world_size, device = init_distributed()
+    if args.resume:  # ZeRO-3 shards the optimizer by rank: its checkpoint loads into the same number of ranks only
+        with open(os.path.join(args.output_dir, "checkpoints", "latest.json")) as f:
+            saved_world_size = json.load(f)["world_size"]
+        if saved_world_size != world_size:
+            fail(f"--resume: the checkpoint in {os.path.join(args.output_dir, 'checkpoints')} was written by "
+                 f"{saved_world_size} rank(s) and this run has {world_size}; resume with {saved_world_size}")
     is_main = rank == 0
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig

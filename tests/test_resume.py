@@ -144,11 +144,17 @@ def test_a_run_of_non_finite_steps_stops_it_and_the_weights_stay_good(world_mode
     assert max((trained[k] - sft[k]).abs().max().item() for k in trained) < 1e-8
 
 
-def test_resume_needs_a_checkpoint(world_model, tmp_path):
+def test_resume_needs_a_checkpoint_of_as_many_ranks(world_model, tmp_path):
     out = str(tmp_path / "run")
     result = run_iqstar(world_args(world_model, out, 2) + ["--resume"])
     assert result.returncode == 2
     assert f"--resume: {out}/checkpoints holds no complete checkpoint" in result.stderr
+    os.makedirs(os.path.join(out, "checkpoints"))
+    with open(os.path.join(out, "checkpoints", "latest.json"), "w") as f:
+        json.dump({"tag": "epoch-1", "epoch": 1, "world_size": 2, "run": {}}, f)
+    result = run_iqstar(world_args(world_model, out, 2) + ["--resume"])
+    assert result.returncode == 2 and f"--resume: the checkpoint in {out}/checkpoints was written by 2 rank(s) and " \
+        "this run has 1; resume with 2" in result.stderr, result.stderr[-2000:]
 
 
 def degenerate_model(tiny_model, path, eos_logit):
