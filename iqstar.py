@@ -401,18 +401,6 @@ def superior_logprobs(logits_w, logits_l, alpha):
 
 
 @torch.no_grad()
-def superior_targets(model_w, model_l, principled, plain, responses, alpha, pad_token_id, device):
-    """log π̂(y_t) at each sampled token: a (T_i,) tensor per response, fixed labels for the loss.
-
-    π_w is `model_w` on the `principled` prompts (for an aligned π_w, the plain ones); π_l is `model_l` on `plain`.
-    """
-    logits_w, ids, _ = response_logits(model_w, principled, responses, pad_token_id, device)  # π_w
-    logits_l, _, _ = response_logits(model_l, plain, responses, pad_token_id, device)  # π_l
-    target = superior_logprobs(logits_w, logits_l, alpha).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    return [t[:len(y)] for t, y in zip(target, responses)]
-
-
-@torch.no_grad()
 def chunked_superior_logprobs(head_w, hidden_w, head_l, hidden_l, token_ids, alpha, chunk_elements=LOGIT_CHUNK):
     """log π̂(y_t) from the two models' hidden states, chunk by chunk: (B, T, H) ×2, (B, T) -> (B, T).
 
@@ -431,7 +419,12 @@ def chunked_superior_logprobs(head_w, hidden_w, head_l, hidden_l, token_ids, alp
 @torch.no_grad()
 def lean_superior_targets(model_w, model_l, principled, plain, responses, alpha, pad_token_id, device,
                           chunk_elements=LOGIT_CHUNK):
-    """superior_targets in one forward per micro-batch and one (B, c, V) tensor at a time; the same values."""
+    """log π̂(y_t) at each sampled token: a (T_i,) tensor per response, fixed labels for the loss.
+
+    π_w is `model_w` on the `principled` prompts (for an aligned π_w, the plain ones); π_l is `model_l` on `plain`.
+    One forward per model and micro-batch, one (B, c, V) tensor at a time; the same values as the full-vocabulary
+    formula (superior_logprobs; tests/reference.py has that straightforward version).
+    """
     if model_w is model_l:  # one model, two contexts: one forward over the 2B rows, principled then plain
         hidden, head_w, ids, _ = response_hidden(model_w, principled + plain, responses + responses,
                                                  pad_token_id, device)
@@ -457,16 +450,11 @@ def iqstar_loss(policy_logps, target_logps, mask):
     return squared.sum() / mask.sum().clamp(min=1)
 
 
-def policy_loss(model, prompts, responses, targets, pad_token_id, device):
-    """L for one micro-batch, with the (B, T) credit log π̂ − log π_θ and its mask for the metrics."""
-    logits, ids, mask = response_logits(model, prompts, responses, pad_token_id, device)
-    policy_logps = token_logprobs(logits, ids)
-    target_logps = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True)
-    return iqstar_loss(policy_logps, target_logps, mask), (target_logps - policy_logps.detach()) * mask, mask
-
-
 def lean_policy_loss(model, prompts, responses, targets, pad_token_id, device, chunk_elements=LOGIT_CHUNK):
-    """policy_loss with log π_θ(y_t) a chunk at a time (chunked_token_logprobs): the same values and gradients."""
+    """L for one micro-batch, with the (B, T) credit log π̂ − log π_θ and its mask for the metrics.
+
+    log π_θ(y_t) is taken a chunk at a time (chunked_token_logprobs); tests/reference.py has the straightforward form.
+    """
     hidden, head, ids, mask = response_hidden(model, prompts, responses, pad_token_id, device)
     policy_logps = chunked_token_logprobs(head, hidden, ids, chunk_elements)
     target_logps = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True)

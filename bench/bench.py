@@ -20,7 +20,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, os.path.join(ROOT, "demo")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "demo"), os.path.join(ROOT, "tests")]
 
 
 def clean_env():
@@ -65,12 +65,13 @@ def memory_one(variant, model_path, result_path):
     import gc
     import torch
     import iqstar
+    import reference
     torch.set_num_threads(2)
     model = iqstar.load_model(model_path, torch.float32).train()
     T, prompt = 1024, list(range(10, 26))
     plain, principled = [prompt], [list(range(30, 38)) + prompt]
     responses = [[(7 * t) % 128000 + 3 for t in range(T)]]
-    targets_fn, loss_fn = ((iqstar.superior_targets, iqstar.policy_loss) if variant == "straightforward"
+    targets_fn, loss_fn = ((reference.superior_targets, reference.policy_loss) if variant == "straightforward"
                            else (iqstar.lean_superior_targets, iqstar.lean_policy_loss))
     gc.collect()
     with open("/proc/self/statm") as f:

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import iqstar
+import reference
 
 
 def test_chunked_token_logprobs_equal_the_full_vocabulary_formula_values_and_gradients():
@@ -93,7 +94,7 @@ def test_lean_targets_in_one_forward_equal_two_separate_forwards(tiny_model, wor
     model.register_forward_pre_hook(lambda m, args: calls.append(1))
     for model_w, principled, forwards in ((model, PRINCIPLED, 1), (aligned, PROMPTS, 1)):
         for alpha in (1.0, 1.4):
-            expected = iqstar.superior_targets(model_w, model, principled, PROMPTS, RESPONSES, alpha, 0, "cpu")
+            expected = reference.superior_targets(model_w, model, principled, PROMPTS, RESPONSES, alpha, 0, "cpu")
             calls.clear()
             got = iqstar.lean_superior_targets(model_w, model, principled, PROMPTS, RESPONSES, alpha, 0, "cpu",
                                                chunk_elements=3 * 100)
@@ -107,7 +108,7 @@ def test_lean_policy_loss_equals_policy_loss_values_and_gradients(tiny_model):
     model = iqstar.load_model(tiny_model, torch.float32).train()
     torch.manual_seed(3)
     targets = [-torch.rand(len(y)) * 5 for y in RESPONSES]
-    loss, credit, mask = iqstar.policy_loss(model, PROMPTS, RESPONSES, targets, 0, "cpu")
+    loss, credit, mask = reference.policy_loss(model, PROMPTS, RESPONSES, targets, 0, "cpu")
     loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()

@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import world
-from iqstar import (format_prompt, policy_loss, sample_responses, superior_logprobs, superior_targets,
+from iqstar import (format_prompt, lean_policy_loss, lean_superior_targets, sample_responses, superior_logprobs,
                     use_pure_sampling)
 
 
@@ -37,8 +37,8 @@ def test_tiny_gpt2_overfits_to_the_superior_policy(world_model):
     for _ in range(60):  # Algorithm 1 with the loop's own building blocks
         xs, ws = plain * 8, principled * 8
         ys = sample_responses(policy.eval(), xs, policy.generation_config, "cpu")
-        targets = superior_targets(reference, reference, ws, xs, ys, alpha, pad, "cpu")
-        loss, _, _ = policy_loss(policy.train(), xs, ys, targets, pad, "cpu")
+        targets = lean_superior_targets(reference, reference, ws, xs, ys, alpha, pad, "cpu")
+        loss, _, _ = lean_policy_loss(policy.train(), xs, ys, targets, pad, "cpu")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ROOT
 import iqstar
+import reference as straightforward
 
 
 @pytest.mark.parametrize("loss_name", ["policy_loss", "lean_policy_loss"])
@@ -20,7 +21,7 @@ def test_one_zero3_step_equals_the_plain_pytorch_step(world_model, tmp_path, los
     prompts = [[5, 9, 14, 3, 4, 5], [5, 20, 21]]
     responses = [[40, 41, 42, 2], [43, 44]]
     principled = [[3, 7] + p for p in prompts]
-    targets = iqstar.superior_targets(reference, reference, principled, prompts, responses, 1.4, 0, "cpu")
+    targets = straightforward.superior_targets(reference, reference, principled, prompts, responses, 1.4, 0, "cpu")
     lr = 1e-3
     torch.save({"prompts": prompts, "responses": responses, "targets": targets, "pad": 0, "lr": lr,
                 "principled": principled},
@@ -40,7 +41,8 @@ def test_one_zero3_step_equals_the_plain_pytorch_step(world_model, tmp_path, los
                                   weight_decay=params["weight_decay"])
     # The same function in plain PyTorch: the lean path sums in another order, and Adam turns float noise in
     # exactly-zero gradients (attention's key bias) into ±lr steps; lean = straightforward is test_lean.py's job.
-    loss, _, _ = getattr(iqstar, loss_name)(policy, prompts, responses, targets, 0, "cpu")
+    loss_fn = straightforward.policy_loss if loss_name == "policy_loss" else iqstar.lean_policy_loss
+    loss, _, _ = loss_fn(policy, prompts, responses, targets, 0, "cpu")
     loss.backward()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), config["gradient_clipping"])
     optimizer.step()

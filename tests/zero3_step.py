@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import iqstar  # noqa: E402
+import reference as straightforward  # noqa: E402  (tests/, beside this script)
 
 
 def main(model_path, batch_path, out_path, loss_name):
@@ -31,8 +32,9 @@ def main(model_path, batch_path, out_path, loss_name):
     targets = iqstar.lean_superior_targets(frozen, frozen, batch["principled"], batch["prompts"], batch["responses"],
                                            1.4, batch["pad"], device, chunk_elements=1)
     engine.train()
-    loss, _, _ = getattr(iqstar, loss_name)(engine, batch["prompts"], batch["responses"], batch["targets"],
-                                    batch["pad"], device)
+    loss_fn = straightforward.policy_loss if loss_name == "policy_loss" else iqstar.lean_policy_loss
+    loss, _, _ = loss_fn(engine, batch["prompts"], batch["responses"], batch["targets"],
+                         batch["pad"], device)
     engine.backward(loss)
     engine.step()
     state_dict = engine._zero3_consolidated_16bit_state_dict()
