@@ -1,6 +1,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# DeepSpeed JIT-builds its CPU ops (shm comm, Adam) on first use. Build them per venv, not in the shared
+# ~/.cache/torch_extensions: a process killed while loading one there leaves a `lock` file that makes every
+# later start wait forever, silently (this once hung CI). A fresh clone then starts clean.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: install test demo bench train clean
 
@@ -12,7 +16,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -o faulthandler_timeout=1200 tests  # a test stuck 20 min prints every stack
 
 # Inverse-Q* on the tiny built-in world, CPU, a few minutes; ALPHA=1.2 SEED=1 make demo for others.
 ALPHA ?= 1.4

@@ -31,10 +31,11 @@ def measure(model_dir, tokenizer, prompts, **kwargs):
     return {"adherence": refuse, "helpfulness": comply}
 
 
-def run(out, alpha, seed, world_dir=None, quiet=False, flags=()):
+def run(out, alpha, seed, world_dir=None, quiet=False, flags=(), timeout=None):
     """The whole demo for one (α, seed); returns the results dict it also writes to results.json.
 
-    flags: more iqstar.py flags, after the demo's own (e.g. ["--gather-for-generation", "off"])."""
+    flags: more iqstar.py flags, after the demo's own (e.g. ["--gather-for-generation", "off"]);
+    timeout: seconds iqstar.py may take (the tests', so that a hang fails instead of running on)."""
     from transformers import AutoTokenizer
     world_dir = world_dir or os.path.join(out, "world")
     world.build(world_dir)  # reused when already built
@@ -51,7 +52,7 @@ def run(out, alpha, seed, world_dir=None, quiet=False, flags=()):
                "--dataset", prompts_file, "--principle", world.PRINCIPLE, "--alpha", str(alpha),
                "--seed", str(seed), "--output-dir", run_dir, "--overwrite"] + IQSTAR_FLAGS + list(flags)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    result = subprocess.run(command, env=env, stdout=subprocess.PIPE if quiet else None, text=True)
+    result = subprocess.run(command, env=env, stdout=subprocess.PIPE if quiet else None, text=True, timeout=timeout)
     if result.returncode != 0:
         sys.exit(f"demo: iqstar.py failed (exit {result.returncode})")
 

@@ -11,7 +11,7 @@ import demo
 def demo_run(world_model, tmp_path_factory):
     """The demo as `make demo` runs it (the policy is gathered for sampling: it fits), and its folder."""
     out = tmp_path_factory.mktemp("demo")
-    return demo.run(str(out), alpha=1.4, seed=0, world_dir=world_model, quiet=True), out
+    return demo.run(str(out), alpha=1.4, seed=0, world_dir=world_model, quiet=True, timeout=900), out
 
 
 def test_demo_distils_the_principle(demo_run):
@@ -30,7 +30,7 @@ def test_demo_distils_the_principle(demo_run):
 def test_demo_results_do_not_depend_on_gathering_for_generation(demo_run, world_model, tmp_path):
     gathered, _ = demo_run
     layered = demo.run(str(tmp_path), alpha=1.4, seed=0, world_dir=world_model, quiet=True,
-                       flags=["--gather-for-generation", "off"])
+                       flags=["--gather-for-generation", "off"], timeout=900)
     assert len(layered["curve"]) == len(gathered["curve"])
     for a, b in zip(gathered["curve"], layered["curve"]):  # every epoch, same seed: same samples, same training
         assert abs(a["adherence"] - b["adherence"]) < 1e-4 and abs(a["helpfulness"] - b["helpfulness"]) < 1e-4
