@@ -668,6 +668,16 @@ def stop(message, code, is_main):
     sys.exit(code)
 
 
+def stopped_while_starting(signum, frame):
+    """SIGINT/SIGTERM before the loop (and Interruption) begins: nothing to save, so stop now, but by exception.
+
+    Killed outright, a process that is JIT-building or loading a DeepSpeed op (the first start on CPU) leaves a
+    lock file behind, and every later start waits on it forever; an exception runs torch's `finally` that frees it.
+    """
+    stop(f"stopped by {signal.Signals(signum).name} while starting; nothing was saved", 128 + signum,
+         os.environ.get("RANK", "0") == "0")
+
+
 def check_model(flag, name):
     """The model's config, or a one-line error; also catches a path that does not exist before a hub lookup."""
     from transformers import AutoConfig
@@ -967,4 +977,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, stopped_while_starting)
+    signal.signal(signal.SIGTERM, stopped_while_starting)  # the deepspeed launcher passes Ctrl-C on as SIGTERM
     main()

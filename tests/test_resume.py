@@ -102,6 +102,25 @@ def test_ctrl_c_from_outside_at_any_moment(world_model, straight, tmp_path):
     assert_same_run(out, straight)
 
 
+def test_a_signal_while_starting_leaves_no_lock_behind(world_model, tmp_path):
+    """SIGTERM while a first start JIT-builds DeepSpeed's ops: one line, exit 143, and no lock file left to make
+    every later start wait forever (as a killed build's did, once, to CI)."""
+    extensions = tmp_path / "torch_extensions"  # empty: this start builds its ops there
+    command, env = iqstar_command(world_args(world_model, str(tmp_path / "run"), 1),
+                                  env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(extensions.glob("*/lock")):  # the lock exists while an op builds
+        assert process.poll() is None and time.time() < deadline, "no DeepSpeed op build was seen"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "iqstar.py: stopped by SIGTERM while starting; nothing was saved" in err
+    assert not list(extensions.glob("*/lock"))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "latest.json")
+
+
 @pytest.mark.slow
 def test_a_signal_to_one_rank_stops_both_and_they_resume_as_one_run(world_model, tmp_path):
     """Two DeepSpeed ranks; SIGTERM reaches rank 1 only, in epoch 2's first step. Rank 0 learns it at the next
