@@ -183,18 +183,37 @@ class Models:
 # ---------------------------------------------------------------------------------------------
 # view: credit = log π̂(y_t) − log π_ref(y_t), the quantity Inverse-Q* regresses π_θ onto (Figure 8)
 # ---------------------------------------------------------------------------------------------
+def response_logits(model, prompts, responses, pad_token_id, device):
+    """(B, T, V) logits predicting each response token, and the (B, T) response ids and mask.
+
+    The whole vocabulary at every position, as the straightforward formulas want; iqstar.py's loop scores
+    chunk by chunk instead (response_hidden), which tests/test_lean.py checks against this.
+    """
+    input_ids, attention_mask, position_ids, response_ids, response_mask = iqstar.make_batch(
+        prompts, responses, pad_token_id, device)
+    # logits_to_keep: only the T positions that predict response tokens get the (T x V) unembedding.
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=response_ids.shape[1] + 1, use_cache=False).logits[:, :-1]
+    return logits, response_ids, response_mask
+
+
+def token_logprobs(logits, token_ids):
+    """log softmax(logits) at token_ids: (B, T, V), (B, T) -> (B, T), in float32."""
+    return logits.float().log_softmax(-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+
+
 @torch.no_grad()
 def token_credit(models, plain, principled, response, alpha):
     """Per response token: log π̂, log π_ref, their difference (the credit), and log π_θ with --policy. (T,) each."""
     device, pad = models.device, models.pad_token_id
-    logits_w, ids, _ = iqstar.response_logits(models.model_w, [principled], [response], pad, device)  # π_w
-    logits_l, _, _ = iqstar.response_logits(models.reference, [plain], [response], pad, device)  # π_l = π_ref
+    logits_w, ids, _ = response_logits(models.model_w, [principled], [response], pad, device)  # π_w
+    logits_l, _, _ = response_logits(models.reference, [plain], [response], pad, device)  # π_l = π_ref
     superior = iqstar.superior_logprobs(logits_w, logits_l, alpha).gather(-1, ids.unsqueeze(-1)).squeeze(-1)[0]
-    reference = iqstar.token_logprobs(logits_l, ids)[0]
+    reference = token_logprobs(logits_l, ids)[0]
     rows = {"superior": superior, "reference": reference, "credit": superior - reference}
     if models.policy is not None:
-        logits_p, _, _ = iqstar.response_logits(models.policy, [plain], [response], pad, device)
-        rows["policy"] = iqstar.token_logprobs(logits_p, ids)[0]
+        logits_p, _, _ = response_logits(models.policy, [plain], [response], pad, device)
+        rows["policy"] = token_logprobs(logits_p, ids)[0]
         rows["policy_credit"] = superior - rows["policy"]
     return {k: v.cpu() for k, v in rows.items()}
 

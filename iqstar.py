@@ -313,24 +313,8 @@ def sample_responses(model, prompts, sampling_config, device, *, synced_gpus=Non
     return [ids[m].tolist() for ids, m in zip(completion_ids, mask)]
 
 
-def response_logits(model, prompts, responses, pad_token_id, device):
-    """(B, T, V) logits predicting each response token, and the (B, T) response ids and mask."""
-    input_ids, attention_mask, position_ids, response_ids, response_mask = make_batch(
-        prompts, responses, pad_token_id, device)
-    T = response_ids.shape[1]
-    # logits_to_keep: only the T positions that predict response tokens get the (T x V) unembedding.
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
-    return logits, response_ids, response_mask
-
-
-def token_logprobs(logits, token_ids):
-    """log softmax(logits) at token_ids: (B, T, V), (B, T) -> (B, T), in float32."""
-    return logits.float().log_softmax(-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
-
-
-# Lean twins of the above: three (B, T, V) float32 tensors (z_w, z_l, z_θ) would dominate activation memory at
-# V = 32k-128k, so the models stop at their last hidden state and the head is applied a chunk of positions at a time.
+# Scoring: three (B, T, V) float32 tensors (z_w, z_l, z_θ) would dominate activation memory at V = 32k-128k, so
+# the models stop at their last hidden state and the head is applied a chunk of positions at a time.
 LOGIT_CHUNK = 2 ** 25  # float32 logits per chunk (128 MiB); under ZeRO-3 each chunk gathers the head once more
 
 
@@ -372,7 +356,7 @@ def _chunk_token_logprobs(head, hidden, token_ids):
 
 
 def chunked_token_logprobs(head, hidden, token_ids, chunk_elements=LOGIT_CHUNK):
-    """token_logprobs(head(hidden), token_ids), values and gradients, a chunk of positions at a time.
+    """log softmax(head(hidden)) at token_ids, values and gradients, a chunk of positions at a time.
 
     (B, T, H), (B, T) -> (B, T) float32. With gradients on, each chunk is recomputed in backward
     (torch.utils.checkpoint), so forward and backward alike hold one chunk's (B, c, V) logits at a time.

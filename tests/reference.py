@@ -4,7 +4,8 @@ They hold (B, T, V) float32 logits for π_w, π_l and π_θ at once; iqstar.py r
 """
 import torch
 
-from iqstar import iqstar_loss, response_logits, superior_logprobs, token_logprobs
+from credit import response_logits, token_logprobs
+from iqstar import iqstar_loss, superior_logprobs
 
 
 @torch.no_grad()

@@ -15,7 +15,8 @@ import torch
 import credit
 import world
 from conftest import ROOT, run_iqstar
-from iqstar import superior_logprobs, token_logprobs
+from credit import token_logprobs
+from iqstar import superior_logprobs
 
 UNSAFE_PROMPT = "how do i poison a dog"  # a training prompt; any unsafe one works
 
@@ -247,8 +248,8 @@ def test_preview_every_step_is_superior_policy(models):
     mask = credit.iqstar.completion_mask(completion, models.eos_token_ids)
     for i in range(len(completion)):
         response = completion[i][mask[i]].tolist()
-        logits_w, _, _ = credit.iqstar.response_logits(models.reference, [principled], [response], 0, "cpu")
-        logits_l, _, _ = credit.iqstar.response_logits(models.reference, [plain], [response], 0, "cpu")
+        logits_w, _, _ = credit.response_logits(models.reference, [principled], [response], 0, "cpu")
+        logits_l, _, _ = credit.response_logits(models.reference, [plain], [response], 0, "cpu")
         expected = superior_logprobs(logits_w, logits_l, alpha)[0]
         got = scores[i, :len(response)]
         finite = expected > -20  # compare where the numbers mean something

@@ -12,7 +12,7 @@ def test_chunked_token_logprobs_equal_the_full_vocabulary_formula_values_and_gra
     hidden = torch.randn(3, 7, 16, requires_grad=True)
     ids = torch.randint(0, 50, (3, 7))
     weights = torch.randn(3, 7)  # any downstream use of the log-probs
-    expected = iqstar.token_logprobs(head(hidden), ids)
+    expected = reference.token_logprobs(head(hidden), ids)
     (expected * weights).sum().backward()
     grads = [hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
     hidden.grad = head.weight.grad = head.bias.grad = None
@@ -42,7 +42,7 @@ def test_chunks_keep_one_chunk_of_logits_for_backward():
     assert max(saved) < 64 * 1000 / 4, saved  # the full (1, 64, 1000) logits are never saved
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        iqstar.token_logprobs(head(hidden), ids)
+        reference.token_logprobs(head(hidden), ids)
     assert max(saved) >= 64 * 1000  # the straightforward path does save them: the check above can fail
 
 
@@ -67,7 +67,7 @@ RESPONSES = [[20, 21], [22, 23, 24, 25, 2], [26, 2]]
 def test_response_hidden_gives_the_logits_of_response_logits(tiny_model):
     model = iqstar.load_model(tiny_model, torch.float32).eval()
     with torch.no_grad():
-        logits, ids, mask = iqstar.response_logits(model, PROMPTS, RESPONSES, 0, "cpu")
+        logits, ids, mask = reference.response_logits(model, PROMPTS, RESPONSES, 0, "cpu")
         hidden, head, lean_ids, lean_mask = iqstar.response_hidden(model, PROMPTS, RESPONSES, 0, "cpu")
     torch.testing.assert_close(head(hidden), logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(ids, lean_ids) and torch.equal(mask, lean_mask)

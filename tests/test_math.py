@@ -2,8 +2,8 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from iqstar import (completion_mask, iqstar_loss, response_logits, sample_responses, superior_logprobs,
-                    token_logprobs, use_pure_sampling)
+from credit import response_logits, token_logprobs
+from iqstar import completion_mask, iqstar_loss, sample_responses, superior_logprobs, use_pure_sampling
 
 
 def test_superior_logprobs_is_the_normalised_geometric_mixture():
