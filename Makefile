@@ -13,6 +13,9 @@ install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt
+	@# Build DeepSpeed's CPU ops (comm, Adam) here, once (2-3 min on 2 cores), not in the first run or test
+	$(BIN)/python -c "import torch, deepspeed; from deepspeed.ops.op_builder import FusedAdamBuilder as A; \
+	    torch.cuda.is_available() or [A().load(), deepspeed.get_accelerator().create_op_builder('ShareMemCommBuilder').load()]"
 	touch $@
 
 test: install

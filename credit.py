@@ -162,8 +162,7 @@ class Models:
         self.principle = args.principle
         self.pad_token_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                              else self.tokenizer.eos_token_id)
-        eos = getattr(self.reference.config, "eos_token_id", None)  # chat models may end a turn with several
-        self.eos_token_ids = sorted({self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
+        self.eos_token_ids = iqstar.eos_token_ids(self.tokenizer, self.reference.config)
         if not self.eos_token_ids:
             fail(f"--model {args.model}: the tokenizer has no EOS token to end responses")
         for model in (self.reference, self.aligned, self.policy):

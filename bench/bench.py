@@ -2,8 +2,8 @@
 
 1. sampling tokens/s of a ZeRO-3 policy on two CPU ranks, layer by layer vs gathered (bench/sample_speed.py);
 2. peak memory of log π_θ(y_t) + log π̂(y_t) + the loss and its backward at V = 128256, T = 1024, batch 1:
-   the straightforward path (superior_targets, policy_loss) vs the lean one (lean_superior_targets,
-   lean_policy_loss), each in a fresh process: peak RSS (ru_maxrss) minus the RSS just before the computation;
+   the straightforward full-vocabulary path (tests/reference.py) vs iqstar's chunked one (superior_targets,
+   policy_logprobs), each in a fresh process: peak RSS (ru_maxrss) minus the RSS just before the computation;
 3. seconds per epoch of the demo world (make demo's settings), one process, gathered and not, and its adherence.
 
     python bench/bench.py --out out/bench          # writes out/bench/bench.json
@@ -71,14 +71,15 @@ def memory_one(variant, model_path, result_path):
     T, prompt = 1024, list(range(10, 26))
     plain, principled = [prompt], [list(range(30, 38)) + prompt]
     responses = [[(7 * t) % 128000 + 3 for t in range(T)]]
-    targets_fn, loss_fn = ((reference.superior_targets, reference.policy_loss) if variant == "straightforward"
-                           else (iqstar.lean_superior_targets, iqstar.lean_policy_loss))
+    path = reference if variant == "straightforward" else iqstar
     gc.collect()
     with open("/proc/self/statm") as f:
         baseline = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     start = time.perf_counter()
-    targets = targets_fn(model, model, principled, plain, responses, 1.4, 0, "cpu")
-    loss, credit, _ = loss_fn(model, plain, responses, targets, 0, "cpu")
+    targets = path.superior_targets(model, model, principled, plain, responses, 1.4, 0, "cpu")
+    policy_logps, mask = path.policy_logprobs(model, plain, responses, 0, "cpu")
+    loss = iqstar.iqstar_loss(policy_logps, targets, mask)
+    credit = (targets - policy_logps.detach()) * mask
     loss.backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB

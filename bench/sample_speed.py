@@ -1,4 +1,4 @@
-"""Sampling tokens/s of a ZeRO-3 policy, layer by layer (synced generate) and gathered (gathered_for_generation).
+"""Sampling tokens/s of a ZeRO-3 policy, layer by layer (synced generate) and gathered (unwrap_model_for_generation).
 
 Run by bench/bench.py under `deepspeed --num_gpus 2 bench/sample_speed.py MODEL OUT.json [PROMPTS TOKENS]`;
 rank 0 writes the figures.
@@ -34,7 +34,8 @@ def main(model_path, out_path, prompts_per_rank=4, new_tokens=32, repeats=2):
     figures = {}
     for mode in ("off", "on", "off", "on"):  # interleaved, so load from elsewhere on the machine hits both alike
         torch.manual_seed(rank)
-        with iqstar.gathered_for_generation(engine, mode, device) as gathered:
+        gathered = mode == "on"
+        with deepspeed.runtime.zero.unwrap_model_for_generation(engine) if gathered else torch.no_grad():
             iqstar.sample_responses(engine.module, prompts[:1], policy.generation_config, device,
                                     synced_gpus=False if gathered else None)  # warm-up
             torch.distributed.barrier()

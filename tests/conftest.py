@@ -50,3 +50,22 @@ def run_iqstar(args, launcher=None, timeout=600, script=os.path.join(ROOT, "iqst
 def read_metrics(output_dir):
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def world_args(world_model, output_dir, epochs, samples=24):
+    """iqstar.py on the demo world: 24 samples are 2 rollout batches (sample_responses calls) and 3 training steps
+    (iqstar_loss calls) per epoch on one rank."""
+    return ["--model", world_model, "--dataset", os.path.join(world_model, "train.jsonl"), "--principle",
+            world.PRINCIPLE, "--lr", "1e-3", "--epochs", epochs, "--samples-per-epoch", samples, "--max-new-tokens", 16,
+            "--batch-size", 8, "--rollout-batch-size", 12, "--output-dir", output_dir, "--seed", 0]
+
+
+@pytest.fixture(scope="session")
+def straight(world_model, tmp_path_factory):
+    """Four epochs in one go, one process (stderr joined to stdout, as in a log file): what the tests of the run's
+    output check, and what every interrupted and resumed run must reproduce exactly."""
+    out = str(tmp_path_factory.mktemp("straight"))
+    command, env = iqstar_command(world_args(world_model, out, 4) + ["--snapshot-every", 2])
+    result = subprocess.run(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=600)
+    return out, result

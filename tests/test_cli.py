@@ -1,6 +1,7 @@
 """Bad input: a one-line error, exit status 2, before any long work, with nothing written."""
 import json
 import os
+import sys
 
 import pytest
 
@@ -103,3 +104,18 @@ def test_vocabulary_mismatch(good, tmp_path, capsys):
     capsys.readouterr()
     err = error_of(good + ["--aligned-model", str(other)], capsys)
     assert "--aligned-model has a vocabulary of 50 tokens" in err
+
+
+def test_resume_needs_a_complete_checkpoint_of_as_many_ranks(good, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert f"--resume: {out}/checkpoints holds no complete checkpoint" in error_of(good + ["--resume"], capsys)
+    assert "give --resume (go on with the run) or --overwrite (replace it), not both" in error_of(
+        good + ["--resume", "--overwrite"], capsys)
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest.json").write_text(json.dumps({"tag": "epoch-1", "epoch": 1, "world_size": 2}))
+    assert f"--resume: the checkpoint in {out}/checkpoints was written by 2 rank(s) and this run has 1; resume " \
+        "with 2" in error_of(good + ["--resume"], capsys)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as the deepspeed launcher sets it: the same check lets it through
+    monkeypatch.setattr(iqstar, "read_prompts", lambda *a: sys.exit("checks passed"))
+    with pytest.raises(SystemExit, match="checks passed"):
+        iqstar.main(good + ["--resume"])

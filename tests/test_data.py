@@ -6,8 +6,12 @@ import pytest
 from transformers import AutoTokenizer
 
 import iqstar
-from iqstar import (VICUNA_SYSTEM, build_prompts, hh_to_messages, load_conversations, prompt_text,
-                    row_to_messages, skip_report)
+from iqstar import VICUNA_SYSTEM, build_prompts, format_prompt, load_conversations, row_to_messages, \
+    skip_report
+
+
+def prompt_text(tokenizer, messages, principle=None):
+    return format_prompt(tokenizer, messages, principle, tokenize=False)
 
 HH_CHOSEN = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Can I put Vick's on a baby?\n\nAssistant: No."
 HH_REJECTED = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Can I put Vick's on a baby?\n\nAssistant: Sure."
@@ -18,7 +22,8 @@ def test_hh_keeps_the_shared_conversation_and_drops_the_final_replies():
     assert messages == [{"role": "user", "content": "Hi there"},
                         {"role": "assistant", "content": "Hello! How can I help?"},
                         {"role": "user", "content": "Can I put Vick's on a baby?"}]
-    assert hh_to_messages(HH_CHOSEN)[-1] == {"role": "assistant", "content": "No."}
+    assert row_to_messages({"chosen": HH_CHOSEN + "\n\nHuman: Thanks"})[-2:] == [
+        {"role": "assistant", "content": "No."}, {"role": "user", "content": "Thanks"}]
 
 
 def test_jsonl_fields():

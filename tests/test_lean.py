@@ -1,24 +1,29 @@
-"""The lean log-prob path (chunked over positions, one forward for π_w and π_l) against the straightforward one."""
+"""The chunked log-prob path (over positions, one forward for π_w and π_l) against the full-vocabulary one."""
 import pytest
 import torch
 
 import iqstar
 import reference
+from credit import token_logprobs
 
 
-def test_chunked_token_logprobs_equal_the_full_vocabulary_formula_values_and_gradients():
+def log_softmax(logits):
+    return logits.float().log_softmax(-1)
+
+
+def test_chunked_log_softmax_equals_the_full_vocabulary_formula_values_and_gradients():
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=True)
     hidden = torch.randn(3, 7, 16, requires_grad=True)
     ids = torch.randint(0, 50, (3, 7))
     weights = torch.randn(3, 7)  # any downstream use of the log-probs
-    expected = reference.token_logprobs(head(hidden), ids)
+    expected = token_logprobs(head(hidden), ids)
     (expected * weights).sum().backward()
     grads = [hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
     hidden.grad = head.weight.grad = head.bias.grad = None
     # chunks of one position (a V-sized row each), of three (not a divisor of 7), and one chunk for all
     for chunk_elements in (1, 3 * 3 * 50, 10 ** 9):
-        got = iqstar.chunked_token_logprobs(head, hidden, ids, chunk_elements=chunk_elements)
+        got = iqstar.chunked(log_softmax, [head], [hidden], ids, chunk_elements)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         (got * weights).sum().backward()
         for g, e in zip([hidden.grad, head.weight.grad, head.bias.grad], grads):
@@ -38,11 +43,11 @@ def test_chunks_keep_one_chunk_of_logits_for_backward():
         saved.append(t.numel())
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        iqstar.chunked_token_logprobs(head, hidden, ids, chunk_elements=8 * 1000)  # 8 chunks of 8 positions
-    assert max(saved) < 64 * 1000 / 4, saved  # the full (1, 64, 1000) logits are never saved
+        iqstar.chunked(log_softmax, [head], [hidden], ids, chunk_elements=8 * 1000)  # 8 chunks of 8 positions
+    assert max(saved, default=0) < 64 * 1000 / 4, saved  # the full (1, 64, 1000) logits are never saved
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        reference.token_logprobs(head(hidden), ids)
+        token_logprobs(head(hidden), ids)
     assert max(saved) >= 64 * 1000  # the straightforward path does save them: the check above can fail
 
 
@@ -55,7 +60,8 @@ def test_chunked_superior_logprobs_equal_the_full_vocabulary_formula(alpha):
     expected = iqstar.superior_logprobs(head_w(hidden_w), head_l(hidden_l), alpha)
     expected = expected.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     for chunk_elements in (1, 2 * 4 * 40, 10 ** 9):
-        got = iqstar.chunked_superior_logprobs(head_w, hidden_w, head_l, hidden_l, ids, alpha, chunk_elements)
+        got = iqstar.chunked(lambda z_w, z_l: iqstar.superior_logprobs(z_w, z_l, alpha), [head_w, head_l],
+                             [hidden_w, hidden_l], ids, chunk_elements)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -85,39 +91,39 @@ def test_response_hidden_refuses_a_model_whose_logits_are_not_its_head(tiny_mode
         iqstar.response_hidden(model, PROMPTS, RESPONSES, 0, "cpu")
 
 
-def test_lean_targets_in_one_forward_equal_two_separate_forwards(tiny_model, world_model):
-    """π_w and π_l from one model: one forward over principled + plain (2B rows) = the two forwards of
-    superior_targets; and the separate-model path (an aligned π_w, §5.3) too."""
+def test_superior_targets_in_one_forward_equal_two_separate_forwards(tiny_model, world_model):
+    """π_w and π_l from one model: one forward over principled + plain (2B rows) = the two forwards of the
+    straightforward form; and the separate-model path (an aligned π_w, §5.3) too."""
     model = iqstar.load_model(tiny_model, torch.float32).eval()
     aligned = iqstar.load_model(world_model, torch.float32).eval()
     calls = []
     model.register_forward_pre_hook(lambda m, args: calls.append(1))
-    for model_w, principled, forwards in ((model, PRINCIPLED, 1), (aligned, PROMPTS, 1)):
+    mask = torch.tensor([[1] * len(y) + [0] * (5 - len(y)) for y in RESPONSES]).bool()
+    for model_w, principled in ((model, PRINCIPLED), (aligned, PROMPTS)):
         for alpha in (1.0, 1.4):
             expected = reference.superior_targets(model_w, model, principled, PROMPTS, RESPONSES, alpha, 0, "cpu")
             calls.clear()
-            got = iqstar.lean_superior_targets(model_w, model, principled, PROMPTS, RESPONSES, alpha, 0, "cpu",
-                                               chunk_elements=3 * 100)
-            assert len(calls) == forwards
-            assert [len(t) for t in got] == [len(y) for y in RESPONSES]
-            for g, e in zip(got, expected):
-                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+            got = iqstar.superior_targets(model_w, model, principled, PROMPTS, RESPONSES, alpha, 0, "cpu",
+                                          chunk_elements=3 * 100)
+            assert len(calls) == 1  # π_w and π_l of one model: one forward; an aligned π_w: one each
+            torch.testing.assert_close(got[mask], expected[mask], rtol=1e-5, atol=1e-5)
 
 
-def test_lean_policy_loss_equals_policy_loss_values_and_gradients(tiny_model):
+def test_policy_logprobs_and_the_loss_equal_the_full_vocabulary_ones_values_and_gradients(tiny_model):
     model = iqstar.load_model(tiny_model, torch.float32).train()
     torch.manual_seed(3)
-    targets = [-torch.rand(len(y)) * 5 for y in RESPONSES]
-    loss, credit, mask = reference.policy_loss(model, PROMPTS, RESPONSES, targets, 0, "cpu")
+    target = -torch.rand(3, 5) * 5
+    policy, mask = reference.policy_logprobs(model, PROMPTS, RESPONSES, 0, "cpu")
+    loss = iqstar.iqstar_loss(policy, target, mask)
     loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    lean_loss, lean_credit, lean_mask = iqstar.lean_policy_loss(model, PROMPTS, RESPONSES, targets, 0, "cpu",
-                                                                chunk_elements=1)
-    lean_loss.backward()
-    torch.testing.assert_close(lean_loss, loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(lean_credit, credit, rtol=1e-5, atol=1e-5)
-    assert torch.equal(lean_mask, mask)
+    chunked_policy, chunked_mask = iqstar.policy_logprobs(model, PROMPTS, RESPONSES, 0, "cpu", chunk_elements=1)
+    chunked_loss = iqstar.iqstar_loss(chunked_policy, target, chunked_mask)
+    chunked_loss.backward()
+    torch.testing.assert_close(chunked_loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked_policy[mask], policy[mask], rtol=1e-5, atol=1e-5)
+    assert torch.equal(chunked_mask, mask)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
     assert sum(g.abs().sum() for g in expected.values()) > 0

@@ -3,8 +3,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import world
-from iqstar import (format_prompt, lean_policy_loss, lean_superior_targets, sample_responses, superior_logprobs,
-                    use_pure_sampling)
+from iqstar import (format_prompt, iqstar_loss, policy_logprobs, sample_responses, superior_logprobs,
+                    superior_targets, use_pure_sampling)
 
 
 def next_token_distributions(policy, reference, plain, principled, alpha):
@@ -37,8 +37,9 @@ def test_tiny_gpt2_overfits_to_the_superior_policy(world_model):
     for _ in range(60):  # Algorithm 1 with the loop's own building blocks
         xs, ws = plain * 8, principled * 8
         ys = sample_responses(policy.eval(), xs, policy.generation_config, "cpu")
-        targets = lean_superior_targets(reference, reference, ws, xs, ys, alpha, pad, "cpu")
-        loss, _, _ = lean_policy_loss(policy.train(), xs, ys, targets, pad, "cpu")
+        targets = superior_targets(reference, reference, ws, xs, ys, alpha, pad, "cpu")
+        policy_logps, mask = policy_logprobs(policy.train(), xs, ys, pad, "cpu")
+        loss = iqstar_loss(policy_logps, targets, mask)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
