@@ -45,6 +45,10 @@ def replace(argv, flag, value):
     (["--ds-config", "/nonexistent/ds.json"], "--ds-config /nonexistent/ds.json: no such file"),
     (["--reference-model", "/nonexistent/ref"], "--reference-model /nonexistent/ref: no such directory"),
     (["--aligned-model", "/nonexistent/aligned"], "--aligned-model /nonexistent/aligned: no such directory"),
+    (["--max-skipped-steps", "0"], "--max-skipped-steps must be a positive integer"),
+    (["--max-prompt-tokens", "0"], "--max-prompt-tokens must be a positive integer"),
+    (["--save-every", "-1"], "--save-every must be >= 0"),
+    (["--snapshot-every", "-2"], "--snapshot-every must be >= 0"),
 ])
 def test_bad_flags(good, extra, message, capsys):
     err = error_of(good + extra, capsys)
@@ -119,3 +123,47 @@ def test_resume_needs_a_complete_checkpoint_of_as_many_ranks(good, tmp_path, cap
     monkeypatch.setattr(iqstar, "read_prompts", lambda *a: sys.exit("checks passed"))
     with pytest.raises(SystemExit, match="checks passed"):
         iqstar.main(good + ["--resume"])
+
+
+@pytest.mark.parametrize("config, message", [
+    ("{", "not valid JSON"),
+    ('{"zero_optimization": {"stage": 2}}', "iqstar.py expects ZeRO stage 3"),
+])
+def test_a_deepspeed_config_that_cannot_serve(good, tmp_path, capsys, config, message):
+    path = tmp_path / "ds.json"
+    path.write_text(config)
+    assert f"--ds-config {path}: {message}" in error_of(good + ["--ds-config", str(path)], capsys)
+
+
+def test_an_auto_value_iqstar_cannot_fill(capsys):
+    args = iqstar.parse_args(["--model", "m"])
+    config = iqstar.fill_ds_config({"bf16": {"enabled": "auto"}, "optimizer": {"params": {"lr": "auto"}}}, args, 2,
+                                   True)
+    assert config == {"bf16": {"enabled": True}, "optimizer": {"params": {"lr": 1e-6}}}
+    with pytest.raises(SystemExit):
+        iqstar.fill_ds_config({"scheduler": {"params": {"warmup_max_lr": "auto"}}}, args, 1, False)
+    assert "--ds-config: iqstar.py fills \"auto\" only in" in capsys.readouterr().err
+
+
+def test_output_dir_that_is_a_file(good, tmp_path, capsys):
+    (tmp_path / "out").write_text("")
+    assert f"--output-dir {tmp_path / 'out'}: exists and is not a directory" in error_of(good, capsys)
+
+
+def test_a_hub_dataset_that_cannot_be_loaded(good, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without the hub: fails at once
+    err = error_of(replace(good, "--dataset", "no-such-user/no-such-dataset"), capsys)
+    assert err.startswith("iqstar.py: error: --dataset no-such-user/no-such-dataset: cannot load it from the hub (")
+
+
+def test_a_tokenizer_with_no_eos(good, tiny_model, tmp_path, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    model = tmp_path / "no-eos"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(model)
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.eos_token_id = None
+    AutoModelForCausalLM.from_config(config).save_pretrained(model)
+    capsys.readouterr()
+    assert f"--model {model}: the tokenizer has no EOS token" in error_of(replace(good, "--model", str(model)), capsys)

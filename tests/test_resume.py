@@ -42,7 +42,8 @@ def checkpoint_of(out):
 
 def test_two_epochs_then_resume_to_four_equal_four_straight_through_a_ctrl_c(world_model, straight, tmp_path):
     """--overwrite replaces an old run; 2 epochs, then --resume to 4, stopped by SIGINT in epoch 4 (exit 130, one
-    line naming epoch 3's checkpoint), resumed again: the same weights and metrics as 4 epochs in one go."""
+    line naming epoch 3's checkpoint), resumed again past a half-saved checkpoint: the same weights and metrics
+    as 4 epochs in one go."""
     out = tmp_path / "run"
     (out / "checkpoints" / "epoch-9").mkdir(parents=True)  # an old run, which --overwrite replaces
     (out / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "loss": 9}) + "\n")
@@ -55,6 +56,9 @@ def test_two_epochs_then_resume_to_four_equal_four_straight_through_a_ctrl_c(wor
     assert stopped.stderr.strip().splitlines()[-1] == (f"iqstar.py: stopped by SIGINT in epoch 4; resume from "
                                                        f"{out}/checkpoints/epoch-3: run the same command with --resume")
     assert checkpoint_of(out)["tag"] == "epoch-3" and len(read_metrics(out)) == 3
+    half_saved = os.path.join(out, "checkpoints", "epoch-4")  # as a save killed halfway leaves it: latest.json
+    os.makedirs(half_saved)  # names the one before, which is resumed from; the next save replaces this one
+    open(os.path.join(half_saved, "mp_rank_00_model_states.pt"), "w").write("cut short")
     resumed = ok(run_iqstar(world_args(world_model, out, 4) + ["--resume"]))
     assert f"resumed from {out}/checkpoints/epoch-3 after epoch 3" in resumed.stdout
     assert_same_run(out, straight[0])
