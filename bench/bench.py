@@ -92,7 +92,7 @@ def memory(out):
     """2. both variants, each in its own process so neither sees the other's high-water mark."""
     model = tiny_gpt2(os.path.join(out, "vocab128k"), vocab=128256, layers=2, width=256, positions=1088)
     figures = {}
-    for variant in ("straightforward", "lean"):
+    for variant in ("straightforward", "chunked"):
         path = os.path.join(out, f"memory-{variant}.json")
         result = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-variant", variant, model, path],
                                 capture_output=True, text=True, env=clean_env(), cwd=ROOT)
@@ -149,8 +149,8 @@ def main():
                                   "ranks": sample["ranks"], "model": "GPT-2, 8 layers, width 256, vocab 8192",
                                   "prompts_per_rank": 4, "new_tokens": 32},
         "logprob_peak_memory_gib": {"straightforward": mem["straightforward"]["peak_bytes"] / gib,
-                                    "lean": mem["lean"]["peak_bytes"] / gib,
-                                    "ratio": mem["lean"]["peak_bytes"] / mem["straightforward"]["peak_bytes"],
+                                    "chunked": mem["chunked"]["peak_bytes"] / gib,
+                                    "ratio": mem["chunked"]["peak_bytes"] / mem["straightforward"]["peak_bytes"],
                                     "seconds": {k: v["seconds"] for k, v in mem.items()},
                                     "loss": {k: v["loss"] for k, v in mem.items()}},
         "demo_seconds_per_epoch": {"gathered": epoch["on"], "layer_by_layer": epoch["off"]},
@@ -163,8 +163,8 @@ def main():
     print(f"{'':44s}{'before':>14s}{'after':>14s}{'after/before':>14s}")
     print(f"{'sampling tokens/s, 2 ranks ZeRO-3':44s}{s['layer_by_layer']:>14.1f}{s['gathered']:>14.1f}"
           f"{s['ratio']:>13.2f}×   (layer by layer -> gathered; target ≥ 5×)")
-    print(f"{'log-prob+estimator+loss peak GiB, V=128256':44s}{m['straightforward']:>14.3f}{m['lean']:>14.3f}"
-          f"{m['ratio']:>13.2f}×   (straightforward -> lean; T=1024, batch 1; target ≤ 0.5×)")
+    print(f"{'log-prob+estimator+loss peak GiB, V=128256':44s}{m['straightforward']:>14.3f}{m['chunked']:>14.3f}"
+          f"{m['ratio']:>13.2f}×   (straightforward -> chunked; T=1024, batch 1; target ≤ 0.5×)")
     print(f"{'demo s/epoch, 1 process (sample+score+train)':44s}{d['layer_by_layer']['epoch']:>14.2f}"
           f"{d['gathered']['epoch']:>14.2f}{d['gathered']['epoch'] / d['layer_by_layer']['epoch']:>13.2f}×   "
           f"(sample {d['layer_by_layer']['sample']:.2f} -> {d['gathered']['sample']:.2f} s)")

@@ -27,6 +27,8 @@ IQSTAR_FLAGS = ["--lr", "5e-4", "--epochs", "6", "--samples-per-epoch", "48", "-
 
 def measure(model_dir, tokenizer, prompts, **kwargs):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # a loading bar per measured model would bury iqstar.py's lines
     refuse, comply = world.adherence(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, prompts, **kwargs)
     return {"adherence": refuse, "helpfulness": comply}
 
