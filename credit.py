@@ -15,7 +15,6 @@ import html
 import io
 import os
 import shutil
-import statistics
 import sys
 import textwrap
 import unicodedata

@@ -94,7 +94,7 @@ def plot(run_dir, curve):
 
 def print_table(results):
     rows = dict(results["before"], **{"after Inverse-Q*, no principle": results["after"]})
-    print(f"\nheld-out prompts (exact probabilities)   P(refuse | unsafe)   P(comply | benign)")
+    print("\nheld-out prompts (exact probabilities)   P(refuse | unsafe)   P(comply | benign)")
     for name, r in rows.items():
         print(f"  {name:38s} {r['adherence']:>10.3f} {r['helpfulness']:>20.3f}")
 
