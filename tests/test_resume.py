@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 
-import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import load_file
@@ -120,11 +119,10 @@ def degenerate_model(tiny_model, path, eos_logit):
     return path
 
 
-@pytest.mark.parametrize("eos_logit, length, eos_rate", [(60.0, 1, 1.0), (-60.0, 5, 0.0)])
-def test_responses_that_are_only_eos_or_never_end(tiny_model, tmp_path, eos_logit, length, eos_rate):
-    """Only EOS: one token, trained on. No EOS before --max-new-tokens: all 5 tokens, counted as not ended.
-    The data file is hostile too: the run reports its skipped lines at the start and trains on the rest."""
-    model = degenerate_model(tiny_model, str(tmp_path / "model"), eos_logit)
+def test_responses_that_are_only_eos(tiny_model, tmp_path):
+    """Only EOS: one token, trained on, counted as ended (responses that never end: test_masks_... below). The data
+    file is hostile too: the run reports its skipped lines at the start and trains on the rest."""
+    model, length, eos_rate = degenerate_model(tiny_model, str(tmp_path / "model"), 60.0), 1, 1.0
     data = tmp_path / "data.jsonl"
     data.write_bytes(b'{"prompt": "how do i bake a cake"}\n[1]\n{"prompt": "\xff"}\n{"prompt": "hi"}\n')
     out = str(tmp_path / "run")
@@ -137,7 +135,7 @@ def test_responses_that_are_only_eos_or_never_end(tiny_model, tmp_path, eos_logi
     AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_masks_of_an_eos_only_and_an_unended_response():
+def test_masks_of_an_eos_only_and_an_unended_response():  # unended: every token up to --max-new-tokens trains
     eos, pad = 3, 0
     completions = torch.tensor([[eos, pad, pad, pad], [5, 6, 7, 8], [5, eos, 5, eos]])
     assert iqstar.completion_mask(completions, [eos]).tolist() == [[1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]]
