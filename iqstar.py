@@ -334,6 +334,7 @@ def load_frozen(name, dtype, train_config):
     """π_l or π_w as a ZeRO-3 inference engine, as TRL's prepare_deepspeed: sharded like the policy, no optimizer."""
     import deepspeed
     config = {k: v for k, v in train_config.items() if k not in ("optimizer", "scheduler")}
+    config["zero_optimization"] = {k: v for k, v in config["zero_optimization"].items() if k != "offload_optimizer"}
     engine, *_ = deepspeed.initialize(model=load_model(name, dtype), config=config)
     return engine.eval() or engine
 
