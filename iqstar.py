@@ -16,7 +16,6 @@ import argparse
 import collections
 import contextlib
 import functools
-import io
 import itertools
 import json
 import logging
@@ -147,18 +146,24 @@ def read_principle(principle, principle_file):
     if principle_file is not None:
         if not os.path.isfile(principle_file):
             raise ValueError(f"--principle-file {principle_file}: no such file")
-        with open(principle_file, encoding="utf-8") as f:
-            principle = f.read().strip()
+        principle = open(principle_file, encoding="utf-8").read().strip()
         if not principle:
             raise ValueError(f"--principle-file {principle_file}: the file is empty")
     return DEFAULT_PRINCIPLE if principle is None else principle
 
 def format_prompt(tokenizer, messages, principle=None, tokenize=True):
     """Token ids (or the text) of the conversation ready for the reply, in the tokenizer's chat template, else Vicuna
-    v1.5's (whose text needs the tokenizer's BOS; a template writes its own); π_w's has the principle."""
-    if principle is not None:  # one system message: the principle first, the dataset's after it
+    v1.5's (whose text needs the tokenizer's BOS; a template writes its own). π_w's prompt is π_l's with the principle
+    added to its system message, so that the two differ by the principle alone."""
+    if principle is not None:  # π_l's system message: the conversation's, else the one its template writes
         system = [m["content"] for m in messages[:1] if m["role"] == "system"]
-        messages = [{"role": "system", "content": "\n\n".join([principle] + system)}] + messages[len(system):]
+        messages = messages[len(system):]
+        if not system and tokenizer.chat_template:  # e.g. SmolLM2's "You are a helpful AI assistant named SmolLM, …"
+            render = lambda head: tokenizer.apply_chat_template(head + messages, tokenize=False)  # noqa: E731
+            (before, _, after), text = render([{"role": "system", "content": "\0"}]).partition("\0"), render([])
+            if text.startswith(before) and text.endswith(after) and len(text) > len(before) + len(after):
+                system = [text[len(before):len(text) - len(after)]]
+        messages = [{"role": "system", "content": "\n\n".join(system + [principle])}] + messages
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
@@ -184,9 +189,7 @@ def build_prompts(conversations, tokenizer, principle, max_prompt_tokens):
 
 def skip_report(dataset, skipped, total):
     """One line: how many were skipped and why, naming the first few places of each reason."""
-    reasons = collections.defaultdict(list)
-    for where, why in skipped:
-        reasons[why].append(where)
+    reasons = {why: [where for where, w in skipped if w == why] for why in dict.fromkeys(w for _, w in skipped)}
     return f"--dataset {dataset}: skipped {len(skipped)} of {total}: " + "; ".join(
         f"{len(places)} {why} ({', '.join(places[:3])}{', ...' if len(places) > 3 else ''})"
         for why, places in sorted(reasons.items(), key=lambda r: -len(r[1])))
@@ -306,7 +309,7 @@ def init_distributed():
             s.bind(("127.0.0.1", 0))
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(s.getsockname()[1]))
-    with contextlib.redirect_stdout(io.StringIO()):  # on CPU, DeepSpeed prints at every start that its comm op is built
+    with contextlib.redirect_stdout(open(os.devnull, "w")):  # on CPU, DeepSpeed says at each start its op is built
         deepspeed.init_distributed()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's old names
@@ -325,9 +328,8 @@ def fill_ds_config(config, args, world_size, bf16):
         fail(f"--ds-config: iqstar.py fills \"auto\" only in {', '.join(values)}; give the others a value")
     return config
 
-def load_model(name, dtype):
+def load_model(name, dtype):  # without dropout: log π_θ must be the distribution that sampled y
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    # log π_θ must be the distribution that sampled y: no dropout
     return model.apply(lambda m: setattr(m, "p", 0.0) if isinstance(m, torch.nn.Dropout) else None)
 
 def load_frozen(name, dtype, train_config):
@@ -371,8 +373,7 @@ def save_checkpoint(engine, directory, epoch, is_main):
 
 def load_checkpoint(engine, directory, rank, lr):
     """Load the latest checkpoint and this rank's RNG, but take `lr` from this command; returns its folder, epoch."""
-    with open(os.path.join(directory, "latest.json")) as f:
-        latest = json.load(f)
+    latest = json.load(open(os.path.join(directory, "latest.json")))
     torch.set_rng_state(engine.load_checkpoint(directory, tag=latest["tag"])[1]["rngs"][rank])
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
@@ -403,8 +404,7 @@ def check_args(args):
                 fail(f"--{flag.replace('_', '-')} must be {rule} (got {value})")
     try:
         args.principle = read_principle(args.principle, args.principle_file)
-        with open(args.ds_config) as f:
-            args.ds = json.load(f)
+        args.ds = json.load(open(args.ds_config))
     except OSError:
         fail(f"--ds-config {args.ds_config}: no such file")
     except ValueError as e:  # read_principle's, or the config's JSON
@@ -455,8 +455,8 @@ def read_prompts(args, tokenizer, config):
 
 # === Algorithm 1 ================================================================================================
 def main(argv=None):
-    signal.signal(signal.SIGINT, raise_stopped)
-    signal.signal(signal.SIGTERM, raise_stopped)  # the deepspeed launcher passes Ctrl-C on to the ranks as SIGTERM
+    for signum in (signal.SIGINT, signal.SIGTERM):  # the deepspeed launcher passes Ctrl-C on to the ranks as SIGTERM
+        signal.signal(signum, raise_stopped)
     args = parse_args(argv)
     check_args(args)
     config = check_model("--model", args.model)

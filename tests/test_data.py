@@ -184,3 +184,23 @@ def test_dataset_directory_takes_the_hub_loading_path(tmp_path):
     conversations, skipped = load_conversations(str(folder))
     assert conversations == [("row 0", row_to_messages(rows[0])), ("row 1", [{"role": "user", "content": "Hello"}])]
     assert len(conversations[0][1]) == 3 and skipped == []
+
+
+# SmolLM2's and Qwen2.5's templates write a system message of their own into a conversation that has none
+DEFAULT_SYSTEM_TEMPLATE = ("{% if messages[0].role != 'system' %}<system> you are a bot {% endif %}"
+                           "{% for m in messages %}<{{ m.role }}> {{ m.content }} {% endfor %}"
+                           "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_the_principle_is_added_to_the_system_message_pi_l_sees(tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = DEFAULT_SYSTEM_TEMPLATE
+    messages = [{"role": "user", "content": "hi"}]
+    assert prompt_text(tokenizer, messages) == "<system> you are a bot <user> hi <assistant>"
+    # π_w's prompt is π_l's plus the principle: the template's default system message is kept, not replaced
+    assert prompt_text(tokenizer, messages, "be safe") == "<system> you are a bot\n\nbe safe <user> hi <assistant>"
+    with_system = [{"role": "system", "content": "be brief"}] + messages  # the dataset's own system message
+    assert prompt_text(tokenizer, with_system) == "<system> be brief <user> hi <assistant>"
+    assert prompt_text(tokenizer, with_system, "be safe") == "<system> be brief\n\nbe safe <user> hi <assistant>"
+    tokenizer.chat_template = None  # Vicuna's: its system line, the dataset's system message, then the principle
+    assert prompt_text(tokenizer, with_system, "Be safe.").startswith(f"{VICUNA_SYSTEM} be brief\n\nBe safe. USER: hi")
