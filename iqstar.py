@@ -4,7 +4,7 @@ A frozen copy of the SFT model scores each sampled token with a principle in its
 Paper: Xia et al. 2024, arXiv 2408.14874 (Algorithm 1, §4.2). Every flag: python iqstar.py --help.
 
 On a laptop CPU, a tiny model this project builds itself (demo/demo.py; other α: ALPHA=1.2 make demo):
-    make demo
+    make demo        # make demo-real: the same with SmolLM2-135M-Instruct, a real chat model (demo/real.py)
 One process, GPU (bf16) or CPU (fp32):
     python iqstar.py --model path/or/hub-id --output-dir out
 One node, 8 GPUs, the paper's Vicuna-7B run (defaults = the paper's settings):

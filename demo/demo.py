@@ -69,7 +69,10 @@ def run(out, alpha, seed, world_dir=None, quiet=False, flags=(), timeout=None):
     return results
 
 
-def plot(run_dir, curve):
+def plot(run_dir, curve, series=(("adherence", "P(refuse | unsafe)"), ("helpfulness", "P(comply | benign)")),
+         levels=()):
+    """plot.png: the training metrics by epoch; the held-out measures `series` (key, label) by epoch, and `levels`
+    (label, value) as dashed lines."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -84,10 +87,12 @@ def plot(run_dir, curve):
     left.plot(epochs, [m["credit"] for m in metrics], "s-", label="credit")
     left.set(xlabel="epoch", title="Inverse-Q* training metrics")
     left.legend()
-    right.plot(range(len(curve)), [c["adherence"] for c in curve], "o-", label="P(refuse | unsafe)")
-    right.plot(range(len(curve)), [c["helpfulness"] for c in curve], "s-", label="P(comply | benign)")
-    right.set(xlabel="epoch (0 = SFT)", ylim=(0, 1.02), title="held-out prompts, no principle in the prompt")
-    right.legend()
+    for (key, label), marker in zip(series, "os^"):
+        right.plot(range(len(curve)), [c[key] for c in curve], marker + "-", label=label)
+    for (label, value), color in zip(levels, ("gray", "black")):
+        right.axhline(value, linestyle="--", color=color, label=label)
+    right.set(xlabel="epoch (0 = before)", ylim=(0, 1.02), title="held-out prompts, no principle in the prompt")
+    right.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "plot.png"), dpi=100)
 
