@@ -4,6 +4,7 @@ writes its own system message, tied input and output embeddings under ZeRO-3, 30
 import importlib.util
 import json
 import os
+import types
 
 import pytest
 import torch
@@ -42,6 +43,9 @@ def test_prompts_and_eos_ids_from_the_real_tokenizer_and_template(smollm2):
     assert f"system\n{SMOLLM2_SYSTEM}<|im_end|>" in plain
     # π_w's prompt is π_l's with the principle added to the template's own system message, nothing else changed
     assert principled == plain.replace(SMOLLM2_SYSTEM, f"{SMOLLM2_SYSTEM}\n\n{real.PRINCIPLE}")
+    models = types.SimpleNamespace(tokenizer=tokenizer, aligned=None, principle=real.PRINCIPLE)
+    assert credit.Models.prompts(models, messages) == tuple(tokenizer(t, add_special_tokens=False)["input_ids"]
+                                                            for t in (plain, principled))  # credit.py's prompts too
     for text in (plain, principled):  # the token ids are the template's text exactly: no BOS added before it
         ids = iqstar.format_prompt(tokenizer, messages, None if text is plain else real.PRINCIPLE)
         assert tokenizer.decode(ids) == text and ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>") != ids[1]
