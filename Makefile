@@ -37,7 +37,7 @@ demo: install
 	$(BIN)/pip install -q -r requirements-demo.txt
 	$(BIN)/python demo/demo.py --out out/demo --alpha $(ALPHA) --seed $(SEED)
 
-# Inverse-Q* on SmolLM2-135M-Instruct, a real chat model, CPU, about 15 minutes; same ALPHA and SEED.
+# Inverse-Q* on SmolLM2-135M-Instruct, a real chat model, CPU, about 12 minutes; same ALPHA and SEED.
 demo-real: install $(SMOLLM2)/config.json
 	$(BIN)/pip install -q -r requirements-demo.txt
 	$(BIN)/python demo/real.py --out out/real --model-dir $(SMOLLM2) --alpha $(ALPHA) --seed $(SEED)

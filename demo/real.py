@@ -139,7 +139,7 @@ def measure(model_dir, prompts, alpha=0.0, seed=0):
             "mean_length": sum(map(len, responses)) / n, "examples": texts[::SAMPLES]}
 
 
-def run(out, alpha, seed, model_dir=None, quiet=False, flags=(), timeout=None):
+def run(out, alpha, seed, model_dir=None):
     """The whole demo for one (α, seed); returns the results dict it also writes to results.json."""
     started = time.time()
     model_dir = convert(model_dir or os.path.join(out, "..", "smollm2"))
@@ -157,10 +157,10 @@ def run(out, alpha, seed, model_dir=None, quiet=False, flags=(), timeout=None):
     run_dir = os.path.join(out, f"alpha{alpha}-seed{seed}")
     command = [sys.executable, os.path.join(os.path.dirname(HERE), "iqstar.py"), "--model", model_dir,
                "--dataset", prompts_file, "--principle", PRINCIPLE, "--alpha", str(alpha), "--seed", str(seed),
-               "--output-dir", run_dir, "--overwrite"] + IQSTAR_FLAGS + list(flags)
+               "--output-dir", run_dir, "--overwrite"] + IQSTAR_FLAGS
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     trained = time.time()
-    result = subprocess.run(command, env=env, stdout=subprocess.PIPE if quiet else None, text=True, timeout=timeout)
+    result = subprocess.run(command, env=env)
     if result.returncode != 0:
         sys.exit(f"demo: iqstar.py failed (exit {result.returncode})")
     trained = time.time() - trained
