@@ -380,35 +380,46 @@ def ansi(text, value, bound):
 # ---------------------------------------------------------------------------------------------
 # preview: samples from π̂ itself, per α, before any training
 # ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def generate_superior(models, plain, principled, alpha, n, **generate_kwargs):
-    """generate() output of n samples from π̂ = softmax(α log π_w + (1−α) log π_l) for one prompt.
+class SuperiorLogits:
+    """A generate() logits processor for sampling from π̂: the generating model's logits (π_w, on the principled
+    prompts) become log π̂ by iqstar's own superior_logprobs, with π_l run beside generate() on the plain prompts,
+    left-padded, with its own cache and position ids. (transformers' classifier-free guidance scores the same
+    mixture, but its second branch takes no position ids: a batch of different prompts would shift them.)"""
 
-    transformers implements this mixture at decode time as classifier-free guidance:
-    UnbatchedClassifierFreeGuidanceLogitsProcessor scores α·(log p_cond − log p_uncond) + log p_uncond,
-    with cond = π_w and uncond = π_l. generate(guidance_scale=α, negative_prompt_ids=plain) builds it with
-    the generating model as uncond; built here, π_w may be another model (--aligned-model). At α = 1 it
-    returns π_w's log-probs untouched; α = 0 is π_l, sampled directly.
-    """
-    from transformers.generation.logits_process import (LogitsProcessorList,
-                                                        UnbatchedClassifierFreeGuidanceLogitsProcessor)
-    model, prompt, processors = models.model_w, principled, LogitsProcessorList()
+    def __init__(self, model_l, plain, pad_token_id, alpha, device):
+        self.model, self.alpha, self.cache = model_l, alpha, None
+        self.ids, self.mask, self.positions, *_ = iqstar.make_batch(plain, [[]] * len(plain), pad_token_id, device)
+
+    def __call__(self, input_ids, scores):
+        if self.cache is not None:  # the token sampled at the last step goes after the plain prompts too
+            self.ids, self.positions = input_ids[:, -1:], self.positions[:, -1:] + 1
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(input_ids), 1)], 1)
+        out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
+                         past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        return iqstar.superior_logprobs(scores, out.logits[:, -1], self.alpha)
+
+
+@torch.no_grad()
+def generate_superior(models, plain, principled, alpha, **generate_kwargs):
+    """generate() output of one sample per prompt pair (lists of token ids, left-padded into one batch) from
+    π̂ = softmax(α log π_w + (1−α) log π_l). π_w may be another model (--aligned-model); α = 1 samples π_w and
+    α = 0 samples π_l directly."""
+    model, prompts, processors = models.model_w, principled, []
     if alpha == 0:
-        model, prompt = models.reference, plain
+        model, prompts = models.reference, plain
     elif alpha != 1:
-        # n copies of one prompt, unpadded: the guidance branch passes no position ids, so padding would shift them
-        uncond = torch.tensor([plain] * n, device=models.device)
-        processors.append(UnbatchedClassifierFreeGuidanceLogitsProcessor(
-            alpha, models.reference, unconditional_ids=uncond, unconditional_attention_mask=torch.ones_like(uncond)))
-    input_ids = torch.tensor([prompt] * n, device=models.device)
-    return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+        processors.append(SuperiorLogits(models.reference, plain, models.pad_token_id, alpha, models.device))
+    input_ids, attention_mask, *_ = iqstar.make_batch(prompts, [[]] * len(prompts), models.pad_token_id,
+                                                      models.device)
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask,
                           generation_config=model.generation_config, logits_processor=processors, **generate_kwargs)
 
 
-def preview_samples(models, plain, principled, alpha, n):
-    """n responses from π̂ at α, as token-id lists cut after the first EOS (kept)."""
-    prompt_length = len(plain if alpha == 0 else principled)
-    completion = generate_superior(models, plain, principled, alpha, n)[:, prompt_length:]
+def preview_samples(models, plain, principled, alpha):
+    """A response per prompt pair from π̂ at α, as token-id lists cut after the first EOS (kept)."""
+    prompt_length = max(map(len, plain if alpha == 0 else principled))
+    completion = generate_superior(models, plain, principled, alpha)[:, prompt_length:]
     mask = iqstar.completion_mask(completion, models.eos_token_ids)
     return [ids[m].tolist() for ids, m in zip(completion, mask)]
 
@@ -433,7 +444,7 @@ def preview(args):
         columns = []
         for alpha in args.alphas:
             texts = []
-            for ids in preview_samples(models, plain, principled, alpha, args.samples):
+            for ids in preview_samples(models, [plain] * args.samples, [principled] * args.samples, alpha):
                 ended = ids and ids[-1] in models.eos_token_ids
                 texts.append(models.tokenizer.decode(ids, skip_special_tokens=True).strip() + ("" if ended else " …"))
             columns.append(texts)

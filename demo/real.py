@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -29,6 +30,7 @@ from transformers.utils import logging
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
+import credit  # noqa: E402
 import demo  # noqa: E402  (the tiny world's demo: its plot)
 import iqstar  # noqa: E402
 
@@ -98,41 +100,20 @@ def keeps_to_principle(text, ended):
     return ended and "\n" not in text.strip() and len(sentences) == 1 and 3 <= len(text.split()) <= 30
 
 
-class SuperiorLogits:
-    """A generate() logits processor: the model's logits on the principled prompts (π_w) become π̂'s log-probs
-    (iqstar's superior_logprobs), with the model run beside generate() on the plain prompts for π_l."""
-
-    def __init__(self, model, plain, pad_token_id, alpha):
-        self.model, self.alpha, self.cache = model, alpha, None
-        self.ids, self.mask, self.positions, *_ = iqstar.make_batch(plain, [[]] * len(plain), pad_token_id, "cpu")
-
-    def __call__(self, input_ids, scores):
-        if self.cache is not None:  # the token sampled at the last step, after the plain prompts too
-            self.ids, self.positions = input_ids[:, -1:], self.positions[:, -1:] + 1
-            self.mask = torch.cat([self.mask, self.mask.new_ones(len(input_ids), 1)], 1)
-        out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
-                         past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
-        return iqstar.superior_logprobs(scores, out.logits[:, -1], self.alpha)
-
-
 @torch.no_grad()
 def measure(model_dir, prompts, alpha=0.0, seed=0):
-    """SAMPLES responses per prompt, in one generate() call, from π̂ at α (0: the model as it is, 1: given the
-    principle); the share that keep to the principle, their mean length in tokens, the share that end."""
+    """SAMPLES responses per prompt, in one generate() call (credit.py's), from π̂ at α (0: the model as it is,
+    1: given the principle); the share that keep to the principle, their mean length in tokens, the share that end."""
     tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
-    eos, pad = iqstar.eos_token_ids(tokenizer, model.config), tokenizer.pad_token_id
-    iqstar.use_pure_sampling(model.eval(), MAX_NEW_TOKENS, eos, pad)
+    models = types.SimpleNamespace(model_w=model, reference=model, device=torch.device("cpu"),
+                                   pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_ids=iqstar.eos_token_ids(tokenizer, model.config))
+    iqstar.use_pure_sampling(model.eval(), MAX_NEW_TOKENS, models.eos_token_ids, models.pad_token_id)
     conversations = [[{"role": "user", "content": p}] for p in prompts for _ in range(SAMPLES)]
     plain, principled = ([iqstar.format_prompt(tokenizer, c, p) for c in conversations] for p in (None, PRINCIPLE))
-    input_ids, attention_mask, *_ = iqstar.make_batch(plain if alpha == 0 else principled,
-                                                      [[]] * len(plain), pad, "cpu")
     torch.manual_seed(seed)
-    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[] if alpha in (
-        0, 1) else [SuperiorLogits(model, plain, pad, alpha)])[:, input_ids.shape[1]:]
-    mask = iqstar.completion_mask(output, eos)
-    responses = [ids[m].tolist() for ids, m in zip(output, mask)]
-    ended = [bool(ids) and ids[-1] in eos for ids in responses]
+    responses = credit.preview_samples(models, plain, principled, alpha)
+    ended = [bool(ids) and ids[-1] in models.eos_token_ids for ids in responses]
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
     n = len(responses)
     return {"adherence": sum(map(keeps_to_principle, texts, ended)) / n, "eos_rate": sum(ended) / n,

@@ -1,5 +1,5 @@
 """credit.py: the token credit it shows is iqstar's π̂ exactly, its page renders in a real browser, and its
-preview samples from π̂ (transformers' classifier-free guidance wired the right way round)."""
+preview samples from π̂ (credit.SuperiorLogits wired the right way round)."""
 import math
 import os
 import re
@@ -209,7 +209,7 @@ def test_html_page_in_headless_chromium(models, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# preview: samples from π̂ (α=1: π_w; α=0: π_l; otherwise transformers' CFG)
+# preview: samples from π̂ (α=1: π_w; α=0: π_l; otherwise credit.SuperiorLogits)
 # ---------------------------------------------------------------------------------------------
 def refusal_probability(logprobs, tokenizer):
     return world.start_mass(logprobs, tokenizer, world.REFUSE_STARTS)
@@ -226,7 +226,7 @@ def test_preview_samples_follow_superior_policy(models, alpha):
         w = world.first_token_logprobs(models.reference, tokenizer, UNSAFE_PROMPT, world.PRINCIPLE)
         l = world.first_token_logprobs(models.reference, tokenizer, UNSAFE_PROMPT)
     expected = refusal_probability(superior_logprobs(w, l, alpha), tokenizer)
-    samples = credit.preview_samples(models, plain, principled, alpha, n)
+    samples = credit.preview_samples(models, [plain] * n, [principled] * n, alpha)
     refused = sum(tokenizer.convert_ids_to_tokens(s[0]) in world.REFUSE_STARTS for s in samples) / n
     tolerance = 4 * math.sqrt(expected * (1 - expected) / n)
     assert abs(refused - expected) <= tolerance, (alpha, refused, expected)
@@ -237,11 +237,11 @@ def test_preview_samples_follow_superior_policy(models, alpha):
 
 @torch.no_grad()
 def test_preview_every_step_is_superior_policy(models):
-    """Over whole responses (the guidance branch's cache at work): generate's processed scores at every step are
+    """Over whole responses (π_l's cache at work): generate's processed scores at every step are
     log π̂ of the same prefix, computed by iqstar from full forward passes."""
     alpha, plain, principled = 1.4, *models.prompts([{"role": "user", "content": UNSAFE_PROMPT}])
     torch.manual_seed(1)
-    out = credit.generate_superior(models, plain, principled, alpha, 4, max_new_tokens=12,
+    out = credit.generate_superior(models, [plain] * 4, [principled] * 4, alpha, max_new_tokens=12,
                                    output_scores=True, return_dict_in_generate=True)
     scores = torch.stack(out.scores, 1).log_softmax(-1)  # (n, T, V): α·log π_w + (1−α)·log π_l, renormalised
     completion = out.sequences[:, len(principled):]

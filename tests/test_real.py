@@ -119,9 +119,9 @@ def test_the_demo_scores_one_short_sentence():
 
 
 @torch.no_grad()
-def test_the_demo_samples_pi_hat_as_iqstar_scores_it(smollm2):
-    """demo/real.py's π̂ sampler (a logits processor around superior_logprobs, π_l run beside generate() on
-    left-padded plain prompts) against iqstar's estimator on each prompt alone, unpadded, at every step."""
+def test_pi_hat_samples_on_the_real_model_as_iqstar_scores_them(smollm2):
+    """credit.py's π̂ sampler, which the demo measures with (a logits processor around superior_logprobs, π_l run
+    beside generate() on left-padded plain prompts), against iqstar's estimator on each prompt alone, unpadded."""
     tokenizer, model = AutoTokenizer.from_pretrained(smollm2), AutoModelForCausalLM.from_pretrained(smollm2).eval()
     eos, pad = iqstar.eos_token_ids(tokenizer, model.config), tokenizer.pad_token_id
     questions = ["What is gravity?", "How do I travel on a small budget with two children?"]  # unequal: padding
@@ -130,7 +130,7 @@ def test_the_demo_samples_pi_hat_as_iqstar_scores_it(smollm2):
     input_ids, attention_mask, *_ = iqstar.make_batch(principled, [[], []], pad, "cpu")
     output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=6,
                             eos_token_id=eos, pad_token_id=pad, output_scores=True, return_dict_in_generate=True,
-                            logits_processor=[real.SuperiorLogits(model, plain, pad, 1.4)])
+                            logits_processor=[credit.SuperiorLogits(model, plain, pad, 1.4, "cpu")])
     response_ids = output.sequences[:, input_ids.shape[1]:]
     for row, (x_l, x_w) in enumerate(zip(plain, principled)):
         y = response_ids[row].tolist()
