@@ -77,11 +77,11 @@ def parse_args(argv=None):
     g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
 
-def fail(message, code=2):
+def fail(message, code=2, exit=sys.exit):
     """One line on rank 0 (every rank fails alike) and exit status `code`: 2, an error in the input."""
     if os.environ.get("RANK", "0") == "0":
         print(f"iqstar.py: {'error: ' * (code == 2)}{message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+    exit(code)
 
 # === Algorithm 1, input: the contexts D = {x}. Prompts only; no responses are used ===============================
 def row_to_messages(row):
@@ -591,7 +591,7 @@ def main(argv=None):
         signum = e.args[0] if isinstance(e, Stopped) else int(store.get("stopped"))
         fail(f"stopped by {signal.Signals(signum).name} {f'in epoch {epoch}' if epoch else 'while starting'}; "
              + (f"resume from {checkpoint}: run the same command with --resume" if checkpoint else "nothing was saved"),
-             128 + signum)
+             128 + signum, os._exit)  # no teardown: freeing a process group that a rank has left can abort
     finally:
         if torch.distributed.is_initialized():  # else a rank may crash at exit, its comm threads still running
             torch.distributed.destroy_process_group()
