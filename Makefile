@@ -30,6 +30,19 @@ $(SMOLLM2)/config.json: | $(VENV)/.real
 test: install $(SMOLLM2)/config.json
 	$(BIN)/python -m pytest -q -o faulthandler_timeout=1200 tests  # a test stuck 20 min prints every stack
 
+# evaluate.py's extras (requirements-eval.txt): the openai client, llama.cpp's server (compiles once, about 8 minutes
+# on 2 cores; pip caches the wheel), choix for the tests, matplotlib. make test needs them for tests/test_evaluate*.py.
+.PHONY: eval-real
+$(VENV)/.eval: requirements-eval.txt requirements-demo.txt | $(VENV)/.installed
+	$(BIN)/pip install -q -r requirements-eval.txt
+	touch $@
+test: $(VENV)/.eval
+
+# evaluate.py on make demo-real's models (run it first, same ALPHA and SEED): SFT, Prompting and the trained policy
+# on the held-out prompts, judged both ways by SmolLM2 through llama.cpp's server; tables, plots in RUN/eval.
+eval-real: $(VENV)/.eval $(SMOLLM2)/config.json
+	$(BIN)/python demo/eval_real.py --run out/real/alpha$(ALPHA)-seed$(SEED) --model-dir $(SMOLLM2)
+
 # Inverse-Q* on the tiny built-in world, CPU, a few minutes; ALPHA=1.2 SEED=1 make demo for others.
 ALPHA ?= 1.4
 SEED ?= 0
@@ -52,3 +65,22 @@ train: install
 
 clean:
 	rm -rf out .pytest_cache
+
+# The memory plan's GPU check (issue 15): two epochs of iqstar.py in bf16 at the paper's lengths on a random 1.1B
+# Llama, beside bench/plan.py's prediction. Run ON the device tool's GPU machine, with its python3 (torch,
+# transformers) and the wheels of make gpu-wheels; docs/memory.md gives the exact command.
+.PHONY: gpu-check gpu-wheels
+WHEELS := .whl
+gpu-check:
+	python3 bench/gpu_check.py --out /tmp/gpu-check $(if $(OUT),--json $(OUT)/gpu-check.json)
+
+# Here: DeepSpeed as a pure-Python wheel (its ops JIT-build where they run) and what the device lacks of its needs.
+gpu-wheels: install
+	rm -rf $(WHEELS)
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w $(WHEELS) deepspeed==0.19.8
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(WHEELS) hjson==3.1.0 pydantic==2.14.4 \
+	    pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+	@du -sh $(WHEELS)
+
+bench: $(SMOLLM2)/config.json  # bench/memory.py measures SmolLM2

@@ -1,35 +1,31 @@
-"""Inverse-Q*: token-level RL that aligns an LLM with no preference data, reward or value model.
-A frozen copy of the SFT model scores each sampled token with a principle in its system prompt
-(log π_w) and without it (log π_l); the policy is pulled towards π̂ = softmax(α log π_w + (1−α) log π_l).
-Paper: Xia et al. 2024, arXiv 2408.14874 (Algorithm 1, §4.2). Every flag: python iqstar.py --help.
+"""Inverse-Q*: token-level RL that aligns an LLM with no preference data, reward or value model. A frozen copy of the
+SFT model scores each sampled token with a principle in its system prompt (log π_w) and without it (log π_l); the policy
+is pulled towards π̂ = softmax(α log π_w + (1−α) log π_l). Paper: Xia et al. 2024, arXiv 2408.14874 (Algorithm 1, §4.2).
 
-On a laptop CPU, a tiny model this project builds itself (demo/demo.py; other α: ALPHA=1.2 make demo):
-    make demo        # make demo-real: the same with SmolLM2-135M-Instruct, a real chat model (demo/real.py)
-One process, GPU (bf16) or CPU (fp32):
-    python iqstar.py --model path/or/hub-id --output-dir out
-One node, 8 GPUs, the paper's Vicuna-7B run (defaults = the paper's settings):
-    deepspeed iqstar.py --model lmsys/vicuna-7b-v1.5 --output-dir out/vicuna-7b-iqstar
-π_w as a separate aligned model instead of a principle (paper §5.3):
-    deepspeed iqstar.py --model HuggingFaceH4/mistral-7b-sft-beta --aligned-model HuggingFaceH4/zephyr-7b-beta
+make demo  # on a laptop CPU, a tiny model this project builds itself (demo/demo.py; other α: ALPHA=1.2 make demo)
+make demo-real  # the same with SmolLM2-135M-Instruct, a real chat model (demo/real.py)
+python iqstar.py --model path/or/hub-id --output-dir out  # one process, GPU (bf16) or CPU (fp32); every flag: --help
+deepspeed iqstar.py --model lmsys/vicuna-7b-v1.5 --output-dir out/vicuna  # 8 GPUs: the paper's run, its defaults
+deepspeed iqstar.py --model HuggingFaceH4/mistral-7b-sft-beta --aligned-model HuggingFaceH4/zephyr-7b-beta  # π_w (§5.3)
 """
 import argparse
 import collections
 import contextlib
 import functools
+import importlib.util
 import itertools
 import json
-import logging
 import os
 import random
 import re
 import shutil
 import signal
-import socket
 import sys
 import time
 import warnings
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 DEFAULT_PRINCIPLE = (  # our wording of the five points in the paper's Appendix C
@@ -37,19 +33,18 @@ DEFAULT_PRINCIPLE = (  # our wording of the five points in the paper's Appendix 
     "raises safety concerns, do not fulfil it: explain why and point the user to a safe alternative. If the "
     "conversation so far has not solved the user's problem, keep working on it. Stay on the topic of the "
     "conversation. Add background information that helps the user understand the answer.")
-# Vicuna v1.5's system line; used when the tokenizer has no chat template (Vicuna's has none).
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the user's questions.")  # Vicuna v1.5's: it has no template
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = fail  # argparse's errors in one line too, without its usage
     g = p.add_argument_group("models and data")
     g.add_argument("--model", required=True, help="SFT model to align (hub id or local path): the initial policy μ")
     g.add_argument("--reference-model", help="frozen model scoring π_l (and π_w); default: --model")
     g.add_argument("--aligned-model", help="frozen aligned model: π_w on the plain prompt, not the principle (§5.3)")
     g.add_argument("--dataset", default="Anthropic/hh-rlhf", help="the contexts D = {x}: hub dataset or local .jsonl")
-    g.add_argument("--strict", action="store_true", help="stop at --dataset's first unusable line, not skip it")
     g.add_argument("--principle", help="principle given to π_w as a system message; default: the paper's Appendix C")
     g.add_argument("--principle-file", help="read the principle from this file")
     g = p.add_argument_group("Inverse-Q*")
@@ -60,14 +55,17 @@ def parse_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, default=1024, help="longest sampled response")
     g.add_argument("--max-prompt-tokens", type=int, help="skip longer prompts; default: context - --max-new-tokens")
     g = p.add_argument_group("sizes and runtime")
-    g.add_argument("--rollout-batch-size", type=int, default=64, help="prompts per generate call, per rank")
+    g.add_argument("--kv-cache-tokens", type=int, default=32768, help="a generate() call's rows × (longest prompt + "
+                   "--max-new-tokens) at most, per rank: its KV cache's worst case")
     g.add_argument("--batch-size", type=int, default=2, help="training (and scoring) micro-batch, per rank")
     g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on GPUs that have it")
     g.add_argument("--gather-for-generation", choices=("on", "off"), default="on", help="off: sample with the policy "
                    "sharded, gathering each layer for every token (slow, but no rank holds the whole policy)")
     g.add_argument("--ds-config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_config.json"),
                    help="DeepSpeed config; its \"auto\" values are filled from these flags")
     g.add_argument("--output-dir", default="out", help="final policy (HF format) and metrics.jsonl")
+    g.add_argument("--report-to", choices=("none", "tensorboard", "wandb"), default="none", help="also log there")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     g.add_argument("--save-every", type=int, default=1, help="checkpoint every N epochs (0: at the end only)")
     g.add_argument("--resume", action="store_true", help="go on from the checkpoint in --output-dir/checkpoints")
@@ -152,9 +150,8 @@ def read_principle(principle, principle_file):
     return DEFAULT_PRINCIPLE if principle is None else principle
 
 def format_prompt(tokenizer, messages, principle=None, tokenize=True):
-    """Token ids (or the text) of the conversation ready for the reply, in the tokenizer's chat template, else Vicuna
-    v1.5's (whose text needs the tokenizer's BOS; a template writes its own). π_w's prompt is π_l's with the principle
-    added to its system message, so that the two differ by the principle alone."""
+    """Token ids (or text) of the conversation ready for the reply, in its chat template, else Vicuna v1.5's (with the
+    tokenizer's BOS). π_w's prompt is π_l's with the principle added to its system message: they differ by it alone."""
     if principle is not None:  # π_l's system message: the conversation's, else the one its template writes
         system = [m["content"] for m in messages[:1] if m["role"] == "system"]
         messages = messages[len(system):]
@@ -233,6 +230,16 @@ def sample_responses(model, prompts, sampling_config, device, synced_gpus=None):
     mask = completion_mask(completion_ids, sampling_config.eos_token_id)
     return [ids[m].tolist() for ids, m in zip(completion_ids, mask)]
 
+def rollout_batches(rows, kv_cache_tokens):
+    """Each rank's generate() calls as index lists into its rows (prompt + most new tokens), longest first: one too big
+    fails at once. Call i of every rank takes the rows that fit kv_cache_tokens beside all ranks' i-th longest (≥ 1)."""
+    orders = [sorted(range(len(sizes)), key=lambda i: -sizes[i]) for sizes in rows]  # ties stay in drawn order
+    cuts = [0]  # the same for every rank's order
+    while cuts[-1] < len(orders[0]):
+        longest = max(sizes[order[cuts[-1]]] for sizes, order in zip(rows, orders))
+        cuts.append(cuts[-1] + max(1, kv_cache_tokens // longest))
+    return [[order[a:b] for a, b in itertools.pairwise(cuts)] for order in orders]
+
 # === Algorithm 1, line 6: log π̂(y_t) (§4.2) and log π_θ(y_t) at the sampled tokens, and the loss ===============
 def superior_logprobs(logits_w, logits_l, alpha):
     """log π̂ = log softmax(α log π_w + (1−α) log π_l): (B, T, V) ×2 -> (B, T, V) float32. α = 1 gives π_w, α = 0
@@ -243,12 +250,10 @@ def superior_logprobs(logits_w, logits_l, alpha):
 def iqstar_loss(policy_logps, target_logps, mask):
     """L = Σ_t (log π̂(y_t) − log π_θ(y_t))² as a mean over response tokens, (B, T) ×3 -> scalar. The target is a
     fixed label; ∂L/∂log π_θ(y_t) = −2·m_t·(log π̂(y_t) − log π_θ(y_t)) / Σm: each token is pushed by its credit."""
-    mask = mask.to(policy_logps.dtype)
     squared = ((target_logps.detach() - policy_logps) ** 2).masked_fill(mask == 0, 0)  # 0·inf would be NaN
     return squared.sum() / mask.sum().clamp(min=1)  # an all-masked batch gives 0, not 0/0
 
-# At V = 32k–128k, float32 (B, T, V) logits of π_w, π_l and π_θ would fill memory: the head goes a chunk at a time
-LOGIT_CHUNK = 2 ** 25  # float32 logits (128 MiB) per chunk
+LOGIT_CHUNK = 2 ** 25  # float32 logits (128 MiB) a chunk: whole (B, T, V) ones of π_w, π_l, π_θ would fill memory
 
 def response_hidden(model, prompts, responses, pad_token_id, device):
     """(B, T, H) last hidden states predicting each response token, the head, the (B, T) ids and mask. The model runs
@@ -256,14 +261,10 @@ def response_hidden(model, prompts, responses, pad_token_id, device):
     module = getattr(model, "module", model)  # the HF model inside a DeepSpeed engine
     head, seen = module.get_output_embeddings(), {}
     input_ids, attention_mask, position_ids, ids, mask = make_batch(prompts, responses, pad_token_id, device)
-    hooks = [module.base_model.register_forward_hook(lambda m, args, out: seen.update(hidden=out[0])),
-             head.register_forward_hook(lambda m, args, out: seen.update(head_in=args[0], head_out=out))]
-    try:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       logits_to_keep=1, use_cache=False).logits
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with (module.base_model.register_forward_hook(lambda m, args, out: seen.update(hidden=out[0])),
+          head.register_forward_hook(lambda m, args, out: seen.update(head_in=args[0], head_out=out))):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1,
+                       use_cache=False).logits
     hidden = seen["hidden"]
     if not (torch.equal(seen["head_in"], hidden[:, -1:]) and torch.equal(seen["head_out"].float(), logits.float())):
         raise ValueError(f"{type(module).__name__}: its logits are not its output embeddings applied to its last "
@@ -304,24 +305,19 @@ def policy_logprobs(model, prompts, responses, pad_token_id, device, chunk_eleme
 def init_distributed():
     """rank, world_size, device; `python iqstar.py` without a launcher is a world of one."""
     import deepspeed
-    if "RANK" not in os.environ:
-        with socket.socket() as s:  # a free port for the one-process group
-            s.bind(("127.0.0.1", 0))
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(s.getsockname()[1]))
+    if "RANK" not in os.environ:  # port 0: the one-process group's store takes a free port
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     with contextlib.redirect_stdout(open(os.devnull, "w")):  # on CPU, DeepSpeed says at each start its op is built
         deepspeed.init_distributed()
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.utils.logger.setLevel("WARNING")
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's old names
     device = torch.device(deepspeed.get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
-    if device.type != "cpu":
-        deepspeed.get_accelerator().set_device(device.index or 0)
+    deepspeed.get_accelerator().set_device(device.index or 0)  # on CPU, nothing
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
-def fill_ds_config(config, args, world_size, bf16):
-    """The "auto" values of ds_config.json, from the flags: one file serves 1 CPU process and 64 GPUs."""
-    values = {"train_micro_batch_size_per_gpu": args.batch_size, "lr": args.lr, "enabled": bf16,
-              "train_batch_size": args.batch_size * world_size * config.get("gradient_accumulation_steps", 1)}
+def fill_ds_config(config, args, bf16):
+    """ds_config.json's "auto" values from the flags (DeepSpeed derives train_batch_size): 1 CPU process to 64 GPUs."""
+    values = {"train_micro_batch_size_per_gpu": args.batch_size, "lr": args.lr, "enabled": bf16}
     fill = lambda node: {k: fill(v) if isinstance(v, dict) else values.get(k, v) if v == "auto" else v  # noqa: E731
                          for k, v in node.items()}
     if '"auto"' in json.dumps(config := fill(config)):
@@ -340,8 +336,18 @@ def load_frozen(name, dtype, train_config):
     engine, *_ = deepspeed.initialize(model=load_model(name, dtype), config=config)
     return engine.eval() or engine
 
+def open_tracker(args):
+    """log(record) to TensorBoard (OUTPUT_DIR/runs) or Weights & Biases, by their own writers; both end at exit."""
+    if args.report_to == "wandb":  # WANDB_MODE=offline keeps the run in OUTPUT_DIR/wandb
+        import wandb
+        run = wandb.init(project="iqstar", dir=args.output_dir, config=vars(args))
+        return lambda record: run.log(record, step=record["epoch"])
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(os.path.join(args.output_dir, "runs"))
+    return lambda record: [writer.add_scalar(k, v, record["epoch"]) for k, v in record.items()] and writer.flush()
+
 def save_policy(engine, tokenizer, generation_config, output_dir, is_main):
-    """The policy gathered from ZeRO-3 (16-bit on GPU) as an HF model + tokenizer; files appear only when complete."""
+    """The policy gathered from ZeRO-3, in the run's dtype, as an HF model + tokenizer; files appear when complete."""
     state_dict = engine._zero3_consolidated_16bit_state_dict()  # a collective; save_16bit_model writes no HF model
     if is_main:
         staging = os.path.join(output_dir, ".saving")
@@ -352,6 +358,7 @@ def save_policy(engine, tokenizer, generation_config, output_dir, is_main):
         for name in os.listdir(staging):
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
         os.rmdir(staging)
+        print(f"saved the aligned policy to {output_dir}")
     torch.distributed.barrier()
 
 def save_checkpoint(engine, directory, epoch, is_main):
@@ -359,8 +366,7 @@ def save_checkpoint(engine, directory, epoch, is_main):
     tag, latest = f"epoch-{epoch}", os.path.join(directory, "latest.json")
     rngs = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(rngs, torch.get_rng_state())  # DeepSpeed's checkpoint does not hold them
-    engine.save_checkpoint(directory, tag=tag, client_state={"rngs": rngs}, save_latest=False)
-    torch.distributed.barrier()
+    engine.save_checkpoint(directory, tag=tag, client_state={"rngs": rngs}, save_latest=False)  # ends in a barrier
     if is_main:
         with open(latest + ".tmp", "w") as f:
             json.dump({"tag": tag, "epoch": epoch, "world_size": len(rngs)}, f)
@@ -397,11 +403,13 @@ def check_model(flag, name):
 def check_args(args):
     """Everything that can be wrong with the flags, found before anything long starts or is written."""
     for rule, flags in (("> 0", ("alpha", "lr")), (">= 0", ("save_every", "snapshot_every")), ("a positive integer", (
-            "epochs", "samples_per_epoch", "max_new_tokens", "rollout_batch_size", "batch_size", "max_skipped_steps",
+            "epochs", "samples_per_epoch", "max_new_tokens", "kv_cache_tokens", "batch_size", "max_skipped_steps",
             "max_prompt_tokens"))):
         for flag, value in ((f, getattr(args, f)) for f in flags if getattr(args, f) is not None):
             if not (value >= 0 if rule == ">= 0" else value > 0):
                 fail(f"--{flag.replace('_', '-')} must be {rule} (got {value})")
+    if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
+        fail(f"--report-to {args.report_to}: the package is not installed (pip install {args.report_to})")
     try:
         args.principle = read_principle(args.principle, args.principle_file)
         args.ds = json.load(open(args.ds_config))
@@ -441,11 +449,8 @@ def read_prompts(args, tokenizer, config):
         fail(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in {context} positions")
     conversations, skipped = load_conversations(args.dataset)
     # Each prompt twice: plain (π_θ, π_l; π_w too when it is an aligned model) and with the principle (π_w).
-    prompts, unusable = build_prompts(conversations, tokenizer, None if args.aligned_model else args.principle,
-                                      max_prompt)
-    skipped += unusable
-    if skipped and args.strict:
-        fail(f"--strict: {args.dataset}, {skipped[0][0]}: {skipped[0][1]}")
+    prompts, more = build_prompts(conversations, tokenizer, None if args.aligned_model else args.principle, max_prompt)
+    skipped += more
     if not prompts:
         fail(skip_report(args.dataset, skipped, len(skipped)) + "; nothing left to train on" if skipped
              else f"--dataset {args.dataset}: holds no prompts")
@@ -475,21 +480,20 @@ def main(argv=None):
         rank, world_size, device = init_distributed()
         is_main = rank == 0
         import deepspeed
-        from tqdm.auto import tqdm
         from transformers.integrations import HfDeepSpeedConfig
-        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        ds_config = fill_ds_config(args.ds, args, world_size, bf16=dtype == torch.bfloat16)
+        bf16 = args.dtype == "bf16" or args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        ds_config = fill_ds_config(args.ds, args, bf16=bf16)
         per_rank = -(-args.samples_per_epoch // world_size)  # rounded up: every rank runs as many steps
         if is_main:
             print(f"{len(prompts)} prompts, {per_rank * world_size} samples an epoch, {world_size} rank(s), {dtype}")
         # Algorithm 1, line 3: π_θ ← μ. The same seed on every rank for loading; offset by rank for sampling below.
         torch.manual_seed(args.seed)
-        # Partitioned loading, and generate()'s ranks in step, need this object alive: transformers holds a weak ref.
-        hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841
+        hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 (alive all run: transformers keeps a weak ref to it)
         policy = load_model(args.model, dtype)
         if args.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
-        hub_generation_config = use_pure_sampling(policy, args.max_new_tokens, eos, pad_token_id)
+        hub_config = use_pure_sampling(policy, args.max_new_tokens, eos, pad_token_id)  # the one saved with it
         engine, *_ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(), config=ds_config)
         reference = load_frozen(args.reference_model or args.model, dtype, ds_config)  # π_l; π_w with the principle
         aligned = load_frozen(args.aligned_model, dtype, ds_config) if args.aligned_model else reference  # π_w
@@ -499,8 +503,8 @@ def main(argv=None):
         if is_main:
             if args.resume:
                 print(f"resumed from {checkpoint} after epoch {done}", flush=True)
-            else:  # --overwrite: never resume into another run's state
-                shutil.rmtree(checkpoints, ignore_errors=True)
+            else:  # --overwrite: never resume into another run's state, nor add to its TensorBoard curves
+                [shutil.rmtree(d, ignore_errors=True) for d in (checkpoints, os.path.join(args.output_dir, "runs"))]
             os.makedirs(checkpoints, exist_ok=True)
             old = open(metrics_path).readlines() if args.resume and os.path.exists(metrics_path) else []
             with open(metrics_path, "w") as f:  # a resumed run's metrics go on from its checkpoint's epoch
@@ -508,26 +512,27 @@ def main(argv=None):
         # On a terminal a bar vanishes when done; in a log it ends its line, so that each epoch's line has its own.
         bar = functools.partial(tqdm, disable=not is_main, leave=not sys.stderr.isatty(), dynamic_ncols=True)
         skipped_in_a_row, gather = 0, args.gather_for_generation == "on"
+        log = open_tracker(args) if is_main and args.report_to != "none" else lambda record: None
 
         for epoch in range(done + 1, args.epochs + 1):  # Algorithm 1, line 4
             # line 5: x ~ D, the same draw on every rank, split between them; y ~ π_θ(·|x)
-            drawn = draw_prompts(len(prompts), per_rank * world_size, epoch, args.seed)[rank::world_size]
-            plain, principled = [prompts[i][0] for i in drawn], [prompts[i][1] for i in drawn]
+            drawn = draw_prompts(len(prompts), per_rank * world_size, epoch, args.seed)
+            plain, principled = ([prompts[i][k] for i in drawn[rank::world_size]] for k in (0, 1))
             seconds, started, responses = dict.fromkeys(("sample", "score", "train"), 0.0), time.time(), []
+            rows = [[len(prompts[i][0]) + args.max_new_tokens for i in drawn[r::world_size]] for r in range(world_size)]
             engine.eval()
-            # Gathered (TRL's ds3_gather_for_generation): the whole policy on each rank, ZeRO-3's hooks lifted. Else
-            # each token gathers every layer again: many times slower, less memory, and the ranks must keep in step.
-            with bar(total=len(plain), desc=f"epoch {epoch} sample") as progress, (
-                    deepspeed.runtime.zero.unwrap_model_for_generation(engine) if gather else contextlib.nullcontext()):
-                for start in range(0, len(plain), args.rollout_batch_size):
-                    responses += sample_responses(engine.module, plain[start:start + args.rollout_batch_size],
-                                                  engine.module.generation_config, device, False if gather else None)
-                    progress.update(len(responses) - progress.n)
+            # Gathered (TRL's ds3_gather_for_generation): the whole policy on each rank; else every token gathers it
+            with deepspeed.runtime.zero.unwrap_model_for_generation(engine) if gather else contextlib.nullcontext():
+                for batch in bar(rollout_batches(rows, args.kv_cache_tokens)[rank], desc=f"epoch {epoch} sample"):
+                    ys = sample_responses(engine.module, [plain[i] for i in batch], engine.module.generation_config,
+                                          device, False if gather else None)
+                    responses += zip(batch, ys)
+            responses = [y for _, y in sorted(responses)]  # each response in its drawn place
             seconds["sample"] = time.time() - started
             engine.train()
             tally, skipped = collections.Counter(), 0
-            with bar(total=len(responses), desc=f"epoch {epoch} train") as progress:
-                for start in range(0, len(responses), args.batch_size):
+            with bar(range(0, len(responses), args.batch_size), desc=f"epoch {epoch} train") as progress:
+                for start in progress:
                     batch, started = slice(start, start + args.batch_size), time.time()
                     ys = responses[batch]
                     # line 6, its target: log π̂(y_t) from the frozen model(s), §4.2
@@ -537,8 +542,7 @@ def main(argv=None):
                     # line 6: L = Σ_t (log π̂(y_t) − log π_θ(y_t))²
                     policy_logps, mask = policy_logprobs(engine, plain[batch], ys, pad_token_id, device)
                     loss = iqstar_loss(policy_logps, target_logps, mask)
-                    # line 7: θ ← θ − γ∇L, by ds_config.json's optimizer. DeepSpeed skips, on every rank alike, a
-                    # step whose gradient norm is not finite: the policy and the optimizer stay as they were.
+                    # line 7: θ ← θ − γ∇L by ds_config.json's optimizer; DeepSpeed skips a non-finite step on all ranks
                     engine.backward(loss)
                     engine.step()
                     applied = engine.was_step_applied()
@@ -549,15 +553,13 @@ def main(argv=None):
                                      target=(target_logps * mask).sum().item(), trained=mask.sum().item())
                     tally.update(tokens=mask.sum().item(), responses=len(ys), ended=sum(y[-1] in eos for y in ys))
                     seconds["train"] += time.time() - started
-                    progress.update(len(ys))
                     if skipped_in_a_row >= args.max_skipped_steps:
                         progress.close()  # its last line first, then ours
                         fail(f"stopped: {skipped_in_a_row} steps in a row had a non-finite loss or gradient, and "
                              f"none of them changed the policy (epoch {epoch}). Lower --lr or check the data; " +
                              (f"resume from {checkpoint} with --resume" if checkpoint else "nothing was saved"), 3)
 
-            # log: one line per epoch, and one in metrics.jsonl; sums over all ranks
-            tallies = [None] * world_size
+            tallies = [None] * world_size  # log: one line per epoch, and one in metrics.jsonl; sums over all ranks
             torch.distributed.all_gather_object(tallies, tally)
             t = collections.Counter({k: sum(x[k] for x in tallies) for k in set().union(*tallies)})
             trained = max(t["trained"], 1)
@@ -570,16 +572,14 @@ def main(argv=None):
                       flush=True)
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
+                log(record)
             # checkpoint: a run stopped from here on resumes from the end of this epoch
             if epoch == args.epochs or (args.save_every and epoch % args.save_every == 0):
                 checkpoint = save_checkpoint(engine, checkpoints, epoch, is_main)
             if args.snapshot_every and epoch % args.snapshot_every == 0 and epoch < args.epochs:
-                save_policy(engine, tokenizer, hub_generation_config, os.path.join(args.output_dir, f"epoch-{epoch}"),
-                            is_main)
+                save_policy(engine, tokenizer, hub_config, os.path.join(args.output_dir, f"epoch-{epoch}"), is_main)
 
-        save_policy(engine, tokenizer, hub_generation_config, args.output_dir, is_main)
-        if is_main:
-            print(f"saved the aligned policy to {args.output_dir}")
+        save_policy(engine, tokenizer, hub_config, args.output_dir, is_main)
     except (Stopped, RuntimeError) as e:  # a RuntimeError too: a collective breaks when another rank has stopped
         for signum in (signal.SIGINT, signal.SIGTERM):  # stopping now, whatever the launcher sends on
             signal.signal(signum, signal.SIG_IGN)

@@ -4,7 +4,10 @@
 2. peak memory of log π_θ(y_t) + log π̂(y_t) + the loss and its backward at V = 128256, T = 1024, batch 1:
    the straightforward full-vocabulary path (tests/reference.py) vs iqstar's chunked one (superior_targets,
    policy_logprobs), each in a fresh process: peak RSS (ru_maxrss) minus the RSS just before the computation;
-3. seconds per epoch of the demo world (make demo's settings), one process, gathered and not, and its adherence.
+3. seconds per epoch of the demo world (make demo's settings), one process, gathered and not, and its adherence;
+4. an epoch's sampling on SmolLM2 with short and long prompts, one generate() call against calls within
+   --kv-cache-tokens (bench/sampling_memory.py): tokens/s and peak memory.
+5. the memory plan (bench/plan.py) against SmolLM2's measured peak RSS by phase, CPU fp32 (bench/memory.py).
 
     python bench/bench.py --out out/bench          # writes out/bench/bench.json
 """
@@ -20,7 +23,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, os.path.join(ROOT, "demo"), os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, HERE, os.path.join(ROOT, "demo"), os.path.join(ROOT, "tests")]
 
 
 def clean_env():
@@ -119,6 +122,12 @@ def demo_epochs(out):
     return figures
 
 
+def memory_plan(out):
+    """5. bench/plan.py's prediction by phase against what iqstar.py's run on SmolLM2 measures (target ±25 %)."""
+    import memory as memory_check
+    return memory_check.compare(os.path.join(out, "memory"), os.path.join(ROOT, "out", "smollm2"))
+
+
 def machine():
     import torch
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -140,6 +149,9 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
     sample, mem, epoch = sampling(args.out), memory(args.out), demo_epochs(args.out)
+    import sampling_memory
+    budget = sampling_memory.run(os.path.join(ROOT, "out", "smollm2"), args.out)
+    plan_check = memory_plan(args.out)
     gib = 2 ** 30
     figures = {
         "machine": machine(),
@@ -154,6 +166,8 @@ def main():
                                     "seconds": {k: v["seconds"] for k, v in mem.items()},
                                     "loss": {k: v["loss"] for k, v in mem.items()}},
         "demo_seconds_per_epoch": {"gathered": epoch["on"], "layer_by_layer": epoch["off"]},
+        "sampling_within_kv_cache_tokens": budget,
+        "memory_plan_vs_measured": plan_check,
         "bench_seconds": round(time.time() - started),
     }
     s, m, d = figures["sampling_tokens_per_s"], figures["logprob_peak_memory_gib"], figures["demo_seconds_per_epoch"]
@@ -170,6 +184,14 @@ def main():
           f"(sample {d['layer_by_layer']['sample']:.2f} -> {d['gathered']['sample']:.2f} s)")
     print(f"{'demo adherence after training':44s}{d['layer_by_layer']['adherence']:>14.4f}"
           f"{d['gathered']['adherence']:>14.4f}   (must match: same seed)")
+    b, a, mib = budget["before"], budget["after"], 2 ** 20
+    print(f"{'SmolLM2 sampling tokens/s, long-prompt mix':44s}{b['tokens_per_s']:>14.1f}{a['tokens_per_s']:>14.1f}"
+          f"{budget['tokens_per_s_ratio']:>13.2f}×   (one call -> within --kv-cache-tokens {budget['kv_cache_tokens']};"
+          " target ≥ 1×)")
+    print(f"{'SmolLM2 sampling peak MiB above baseline':44s}{b['peak_bytes'] / mib:>14.1f}"
+          f"{a['peak_bytes'] / mib:>14.1f}{budget['peak_ratio']:>13.2f}×   (calls {b['calls']} -> {a['calls']})")
+    import memory as memory_check
+    print(memory_check.report(plan_check))
     path = args.json or os.path.join(args.out, "bench.json")
     with open(path, "w") as f:
         json.dump(figures, f, indent=1)

@@ -23,7 +23,7 @@ def main(model_path, out_path, prompts_per_rank=4, new_tokens=32, repeats=2):
     rank, world_size, device = iqstar.init_distributed()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # one share of the cores per rank, not all
     with open(args.ds_config) as f:  # the project's own ds_config.json
-        config = iqstar.fill_ds_config(json.load(f), args, world_size, bf16=False)
+        config = iqstar.fill_ds_config(json.load(f), args, bf16=False)
     hf_ds_config = HfDeepSpeedConfig(config)  # noqa: F841  (kept alive: partitioned loading, synced generate)
     policy = iqstar.load_model(model_path, torch.float32)
     engine, *_ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(), config=config)

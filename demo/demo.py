@@ -22,7 +22,7 @@ import world  # noqa: E402
 
 # iqstar.py's flags for the demo: tiny model, so a larger learning rate and fewer samples than the paper.
 IQSTAR_FLAGS = ["--lr", "5e-4", "--epochs", "6", "--samples-per-epoch", "48", "--max-new-tokens", "24",
-                "--batch-size", "8", "--rollout-batch-size", "48", "--snapshot-every", "1"]
+                "--batch-size", "8", "--snapshot-every", "1"]
 
 
 def measure(model_dir, tokenizer, prompts, **kwargs):

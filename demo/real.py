@@ -70,7 +70,7 @@ PROMPTS = {
 HELD_OUT = ("science", "travel", "learning")
 MAX_NEW_TOKENS = 48  # in training and in measuring: an answer that has not ended by then does not keep to it
 IQSTAR_FLAGS = ["--lr", "1e-5", "--epochs", "4", "--samples-per-epoch", "40", "--max-new-tokens", str(MAX_NEW_TOKENS),
-                "--batch-size", "8", "--rollout-batch-size", "40", "--snapshot-every", "1"]
+                "--batch-size", "8", "--snapshot-every", "1"]
 SAMPLES = 3  # responses per held-out prompt and model
 
 

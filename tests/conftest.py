@@ -53,11 +53,12 @@ def read_metrics(output_dir):
 
 
 def world_args(world_model, output_dir, epochs, samples=24):
-    """iqstar.py on the demo world: 24 samples are 2 rollout batches (sample_responses calls) and 3 training steps
-    (iqstar_loss calls) per epoch on one rank."""
+    """iqstar.py on the demo world: 24 samples are 3 training steps (iqstar_loss calls) per epoch on one rank, and 4
+    or so generate() calls (sample_responses calls): prompts of 7-10 tokens + 16 new ones, 7 or 8 rows within the
+    --kv-cache-tokens budget of 200."""
     return ["--model", world_model, "--dataset", os.path.join(world_model, "train.jsonl"), "--principle",
             world.PRINCIPLE, "--lr", "1e-3", "--epochs", epochs, "--samples-per-epoch", samples, "--max-new-tokens", 16,
-            "--batch-size", 8, "--rollout-batch-size", 12, "--output-dir", output_dir, "--seed", 0]
+            "--batch-size", 8, "--kv-cache-tokens", 200, "--output-dir", output_dir, "--seed", 0]
 
 
 @pytest.fixture(scope="session")

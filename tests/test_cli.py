@@ -37,7 +37,8 @@ def replace(argv, flag, value):
     (["--epochs", "0"], "--epochs must be a positive integer"),
     (["--samples-per-epoch", "-5"], "--samples-per-epoch must be a positive integer"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
-    (["--rollout-batch-size", "0"], "--rollout-batch-size must be a positive integer"),
+    (["--kv-cache-tokens", "0"], "--kv-cache-tokens must be a positive integer"),
+    (["--dtype", "fp16"], "argument --dtype: invalid choice"),
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--max-new-tokens", "500"], "leaves no room for a prompt"),
     (["--principle", "a", "--principle-file", "p.txt"], "not both"),
@@ -75,9 +76,6 @@ def test_dataset_missing_empty_or_bad(good, tmp_path, capsys):
     bad.write_text('{"prompt": "fine"\n')
     assert f"--dataset {bad}: skipped 1 of 1: 1 not valid JSON (line 1); nothing left to train on" in error_of(
         replace(good, "--dataset", str(bad)), capsys)
-    bad.write_text('{"prompt": "fine"}\n\n{"prompt": "fine"\n')  # line 3 is bad, and --strict will not skip it
-    assert f"--strict: {bad}, line 3: not valid JSON" in error_of(replace(good, "--dataset", str(bad)) + ["--strict"],
-                                                                   capsys)
     assert not os.path.exists(good[-1])
 
 
@@ -137,11 +135,10 @@ def test_a_deepspeed_config_that_cannot_serve(good, tmp_path, capsys, config, me
 
 def test_an_auto_value_iqstar_cannot_fill(capsys):
     args = iqstar.parse_args(["--model", "m"])
-    config = iqstar.fill_ds_config({"bf16": {"enabled": "auto"}, "optimizer": {"params": {"lr": "auto"}}}, args, 2,
-                                   True)
+    config = iqstar.fill_ds_config({"bf16": {"enabled": "auto"}, "optimizer": {"params": {"lr": "auto"}}}, args, True)
     assert config == {"bf16": {"enabled": True}, "optimizer": {"params": {"lr": 1e-6}}}
     with pytest.raises(SystemExit):
-        iqstar.fill_ds_config({"scheduler": {"params": {"warmup_max_lr": "auto"}}}, args, 1, False)
+        iqstar.fill_ds_config({"scheduler": {"params": {"warmup_max_lr": "auto"}}}, args, False)
     assert "--ds-config: iqstar.py fills \"auto\" only in" in capsys.readouterr().err
 
 
@@ -167,3 +164,11 @@ def test_a_tokenizer_with_no_eos(good, tiny_model, tmp_path, capsys):
     AutoModelForCausalLM.from_config(config).save_pretrained(model)
     capsys.readouterr()
     assert f"--model {model}: the tokenizer has no EOS token" in error_of(replace(good, "--model", str(model)), capsys)
+
+
+def test_iqstar_py_keeps_its_promise_of_600_lines_under_120_characters():
+    """The design's promise (README): one readable file of at most 600 lines, none longer than 120 characters."""
+    with open(iqstar.__file__, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    assert len(lines) <= 600, len(lines)
+    assert [n for n, line in enumerate(lines, 1) if len(line) > 120] == []

@@ -73,7 +73,7 @@ def trained(smollm2, tmp_path_factory):
     (out / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in real.PROMPTS["cooking"][:2]))
     result = run_iqstar(["--model", smollm2, "--dataset", out / "prompts.jsonl", "--principle", real.PRINCIPLE,
                          "--epochs", 1, "--samples-per-epoch", 2, "--max-new-tokens", 8, "--batch-size", 2,
-                         "--rollout-batch-size", 2, "--lr", "1e-4", "--output-dir", out / "policy"], timeout=300)
+                         "--lr", "1e-4", "--output-dir", out / "policy"], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return str(out / "policy")
 

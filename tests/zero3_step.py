@@ -22,7 +22,7 @@ def main(model_path, batch_path, out_path):
     args = iqstar.parse_args(["--model", model_path, "--lr", str(batch["lr"]), "--batch-size", "2"])
     rank, world_size, device = iqstar.init_distributed()
     with open(args.ds_config) as f:
-        config = iqstar.fill_ds_config(json.load(f), args, world_size, bf16=False)
+        config = iqstar.fill_ds_config(json.load(f), args, bf16=False)
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every layer partitioned, none kept whole
     hf_ds_config = HfDeepSpeedConfig(config)  # noqa: F841  (kept alive: partitioned loading)
     policy = iqstar.load_model(model_path, torch.float32)
