@@ -55,7 +55,8 @@ demo-real: install $(SMOLLM2)/config.json
 	$(BIN)/pip install -q -r requirements-demo.txt
 	$(BIN)/python demo/real.py --out out/real --model-dir $(SMOLLM2) --alpha $(ALPHA) --seed $(SEED)
 
-# Issue 4's figures (sampling tokens/s, log-prob peak memory, demo s/epoch), CPU, a few minutes; JSON in out/bench.
+# The performance figures (sampling speed and memory, log-prob memory, demo s/epoch, the memory plan's check), CPU,
+# 10-20 minutes; JSON in out/bench.
 bench: install
 	$(BIN)/python bench/bench.py --out out/bench
 
