@@ -85,3 +85,12 @@ gpu-wheels: install
 	@du -sh $(WHEELS)
 
 bench: $(SMOLLM2)/config.json  # bench/memory.py measures SmolLM2
+
+# iqstar against TRL's SDFTTrainer on the same run, side by side (issue 17): CPU fp32, 2 threads, about 30 minutes on
+# 2 cores; JSON in out/bench/peer. TRL is this target's extra only (requirements-peer.txt), not make bench's or test's.
+.PHONY: bench-peer
+$(VENV)/.peer: requirements-peer.txt | $(VENV)/.installed
+	$(BIN)/pip install -q -r requirements-peer.txt
+	touch $@
+bench-peer: $(VENV)/.peer $(SMOLLM2)/config.json
+	$(BIN)/python bench/peer.py --model $(SMOLLM2) --out out/bench/peer

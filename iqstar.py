@@ -273,13 +273,13 @@ def response_hidden(model, prompts, responses, pad_token_id, device):
 
 def chunked(distribution, heads, hiddens, token_ids, chunk_elements=None):
     """distribution(*[head(hidden) per model])[token_ids], (B, T) float32, a chunk of positions at a time. With
-    gradients, each chunk is recomputed in backward (checkpoint): backward too holds one chunk's (B, c, V) at a time."""
+    gradients and several chunks, each is recomputed in backward (checkpoint), so backward too holds one (B, c, V)."""
     step = max(1, (chunk_elements or LOGIT_CHUNK) // (token_ids.shape[0] * heads[0].out_features))
     def chunk(s):
         logits = [head(hidden[:, s:s + step]) for head, hidden in zip(heads, hiddens)]
         return distribution(*logits).gather(-1, token_ids[:, s:s + step, None]).squeeze(-1)
-    grad = torch.is_grad_enabled() and any(h.requires_grad for h in hiddens)
-    out = [torch.utils.checkpoint.checkpoint(chunk, s, use_reentrant=False) if grad else chunk(s)
+    recompute = torch.is_grad_enabled() and any(h.requires_grad for h in hiddens) and step < token_ids.shape[1]
+    out = [torch.utils.checkpoint.checkpoint(chunk, s, use_reentrant=False) if recompute else chunk(s)
            for s in range(0, token_ids.shape[1], step)]
     return torch.cat(out, 1) if out else hiddens[0].new_zeros(token_ids.shape, dtype=torch.float32)
 
@@ -316,8 +316,9 @@ def init_distributed():
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 def fill_ds_config(config, args, bf16):
-    """ds_config.json's "auto" values from the flags (DeepSpeed derives train_batch_size): 1 CPU process to 64 GPUs."""
-    values = {"train_micro_batch_size_per_gpu": args.batch_size, "lr": args.lr, "enabled": bf16}
+    """ds_config.json's "auto" values from the flags and world size (DeepSpeed derives train_batch_size)."""
+    values = {"train_micro_batch_size_per_gpu": args.batch_size, "lr": args.lr, "enabled": bf16,  # one rank gathers
+              "memory_efficient_linear": int(os.environ.get("WORLD_SIZE", 1)) > 1}  # nothing: F.linear, not DS's slower
     fill = lambda node: {k: fill(v) if isinstance(v, dict) else values.get(k, v) if v == "auto" else v  # noqa: E731
                          for k, v in node.items()}
     if '"auto"' in json.dumps(config := fill(config)):
@@ -355,8 +356,7 @@ def save_policy(engine, tokenizer, generation_config, output_dir, is_main):
         engine.module.save_pretrained(staging, state_dict=state_dict)
         generation_config.save_pretrained(staging)  # the model's own, not the pure sampling one iqstar set
         tokenizer.save_pretrained(staging)
-        for name in os.listdir(staging):
-            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        [os.replace(os.path.join(staging, name), os.path.join(output_dir, name)) for name in os.listdir(staging)]
         os.rmdir(staging)
         print(f"saved the aligned policy to {output_dir}")
     torch.distributed.barrier()

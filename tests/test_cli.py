@@ -142,6 +142,15 @@ def test_an_auto_value_iqstar_cannot_fill(capsys):
     assert "--ds-config: iqstar.py fills \"auto\" only in" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("world_size, deepspeeds_linear", [("1", False), ("2", True), ("64", True)])
+def test_one_rank_keeps_torchs_linear_layer(monkeypatch, world_size, deepspeeds_linear):
+    """ds_config.json as shipped: ZeRO-3's own linear re-gathers weights for backward; one rank has nothing to gather."""
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    config = iqstar.fill_ds_config(json.load(open(iqstar.parse_args(["--model", "m"]).ds_config)),
+                                   iqstar.parse_args(["--model", "m"]), False)
+    assert config["zero_optimization"]["memory_efficient_linear"] is deepspeeds_linear
+
+
 def test_output_dir_that_is_a_file(good, tmp_path, capsys):
     (tmp_path / "out").write_text("")
     assert f"--output-dir {tmp_path / 'out'}: exists and is not a directory" in error_of(good, capsys)

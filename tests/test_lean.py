@@ -51,6 +51,18 @@ def test_chunks_keep_one_chunk_of_logits_for_backward():
     assert max(saved) >= 64 * 1000  # the straightforward path does save them: the check above can fail
 
 
+def test_backward_recomputes_the_head_only_when_there_are_several_chunks():
+    """Recomputation (checkpoint) buys memory with several chunks; one chunk that holds everything is kept instead."""
+    head, calls = torch.nn.Linear(8, 1000, bias=False), []
+    head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[1]))
+    ids = torch.randint(0, 1000, (2, 16))
+    for chunk_elements, expected in ((None, [16]), (2 * 1000 * 4, [4] * 8)):  # 1 chunk; 4 chunks, each run twice
+        calls.clear()
+        hidden = torch.randn(2, 16, 8, requires_grad=True)
+        iqstar.chunked(log_softmax, [head], [hidden], ids, chunk_elements).sum().backward()
+        assert calls == expected and hidden.grad is not None
+
+
 @pytest.mark.parametrize("alpha", [0.0, 1.0, 1.4, 2.5])
 def test_chunked_superior_logprobs_equal_the_full_vocabulary_formula(alpha):
     torch.manual_seed(2)
