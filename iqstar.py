@@ -317,8 +317,8 @@ def init_distributed():
 
 def fill_ds_config(config, args, bf16):
     """ds_config.json's "auto" values from the flags and world size (DeepSpeed derives train_batch_size)."""
-    values = {"train_micro_batch_size_per_gpu": args.batch_size, "lr": args.lr, "enabled": bf16,  # one rank gathers
-              "memory_efficient_linear": int(os.environ.get("WORLD_SIZE", 1)) > 1}  # nothing: F.linear, not DS's slower
+    values = {"train_micro_batch_size_per_gpu": args.batch_size, "lr": args.lr, "enabled": bf16,  # ZeRO-3's linear
+              "memory_efficient_linear": int(os.environ.get("WORLD_SIZE", 1)) > 1}  # re-gathers: 1 rank needs none
     fill = lambda node: {k: fill(v) if isinstance(v, dict) else values.get(k, v) if v == "auto" else v  # noqa: E731
                          for k, v in node.items()}
     if '"auto"' in json.dumps(config := fill(config)):
