@@ -27,8 +27,9 @@ from transformers.utils import logging
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, os.path.join(ROOT, "demo")]
+sys.path[:0] = [ROOT, HERE, os.path.join(ROOT, "demo")]
 import iqstar  # noqa: E402
+from bench import clean_env  # noqa: E402  (bench/bench.py's: no launcher variables, unbuffered output)
 import real  # noqa: E402  (demo/real.py: make demo-real's principle, prompts and measure())
 from real import PRINCIPLE  # noqa: E402
 
@@ -86,11 +87,8 @@ def free_port():
 
 def launch(name, command, args, threads):
     """Run one timed child, its stdout and stderr to OUT/name.log: wall seconds, its max RSS (GB), exit status."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
-               TRL_EXPERIMENTAL_SILENCE="1")
+    env = dict(clean_env(), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+               HF_HUB_DISABLE_TELEMETRY="1", TRL_EXPERIMENTAL_SILENCE="1")
     # as the Makefile: DeepSpeed's CPU ops built once per venv, not in a shared cache a killed build can lock
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(sys.executable)),
                                                         "torch_extensions"))
