@@ -224,9 +224,8 @@ def sample_responses(model, prompts, sampling_config, device, synced_gpus=None):
     """One generate() call: a response per prompt, its token ids up to the first EOS. synced_gpus=None: generate()'s
     choice (under ZeRO-3 it keeps the ranks in step, lest one that ends first leave the others waiting)."""
     input_ids, attention_mask, *_ = make_batch(prompts, [[] for _ in prompts], sampling_config.pad_token_id, device)
-    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=sampling_config,
-                            synced_gpus=synced_gpus)
-    completion_ids = output[:, input_ids.shape[1]:]
+    completion_ids = model.generate(input_ids, attention_mask=attention_mask, generation_config=sampling_config,
+                                    synced_gpus=synced_gpus)[:, input_ids.shape[1]:]
     mask = completion_mask(completion_ids, sampling_config.eos_token_id)
     return [ids[m].tolist() for ids, m in zip(completion_ids, mask)]
 
@@ -317,8 +316,9 @@ def init_distributed():
 
 def fill_ds_config(config, args, bf16):
     """ds_config.json's "auto" values from the flags and world size (DeepSpeed derives train_batch_size)."""
-    values = {"train_micro_batch_size_per_gpu": args.batch_size, "lr": args.lr, "enabled": bf16,  # ZeRO-3's linear
-              "memory_efficient_linear": int(os.environ.get("WORLD_SIZE", 1)) > 1}  # re-gathers: 1 rank needs none
+    many = int(os.environ.get("WORLD_SIZE", 1)) > 1  # ZeRO-3 on one rank shards nothing, and its hooks cost time
+    values = {"train_micro_batch_size_per_gpu": args.batch_size, "lr": args.lr, "enabled": bf16,
+              "stage": 3 if many else 0, "memory_efficient_linear": many}  # ZeRO-3's linear re-gathers for backward
     fill = lambda node: {k: fill(v) if isinstance(v, dict) else values.get(k, v) if v == "auto" else v  # noqa: E731
                          for k, v in node.items()}
     if '"auto"' in json.dumps(config := fill(config)):
@@ -330,7 +330,7 @@ def load_model(name, dtype):  # without dropout: log π_θ must be the distribut
     return model.apply(lambda m: setattr(m, "p", 0.0) if isinstance(m, torch.nn.Dropout) else None)
 
 def load_frozen(name, dtype, train_config):
-    """π_l or π_w as a ZeRO-3 inference engine, as TRL's prepare_deepspeed: sharded like the policy, no optimizer."""
+    """π_l or π_w as a DeepSpeed inference engine, as TRL's prepare_deepspeed: sharded like the policy, no optimizer."""
     import deepspeed
     config = {k: v for k, v in train_config.items() if k not in ("optimizer", "scheduler")}
     config["zero_optimization"] = {k: v for k, v in config["zero_optimization"].items() if k != "offload_optimizer"}
@@ -348,9 +348,9 @@ def open_tracker(args):
     return lambda record: [writer.add_scalar(k, v, record["epoch"]) for k, v in record.items()] and writer.flush()
 
 def save_policy(engine, tokenizer, generation_config, output_dir, is_main):
-    """The policy gathered from ZeRO-3, in the run's dtype, as an HF model + tokenizer; files appear when complete."""
-    state_dict = engine._zero3_consolidated_16bit_state_dict()  # a collective; save_16bit_model writes no HF model
-    if is_main:
+    """The policy (gathered from ZeRO-3) in the run's dtype, as an HF model + tokenizer; files appear when complete."""
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization() else None  # None: as is
+    if is_main:  # the ZeRO-3 gather above is a collective; its save_16bit_model writes no HF model
         staging = os.path.join(output_dir, ".saving")
         shutil.rmtree(staging, ignore_errors=True)
         engine.module.save_pretrained(staging, state_dict=state_dict)
@@ -381,8 +381,7 @@ def load_checkpoint(engine, directory, rank, lr):
     """Load the latest checkpoint and this rank's RNG, but take `lr` from this command; returns its folder, epoch."""
     latest = json.load(open(os.path.join(directory, "latest.json")))
     torch.set_rng_state(engine.load_checkpoint(directory, tag=latest["tag"])[1]["rngs"][rank])
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+    [group.update(lr=lr) for group in engine.optimizer.param_groups]
     return os.path.join(directory, latest["tag"]), latest["epoch"]
 
 class Stopped(BaseException):
@@ -417,8 +416,8 @@ def check_args(args):
         fail(f"--ds-config {args.ds_config}: no such file")
     except ValueError as e:  # read_principle's, or the config's JSON
         fail(f"--ds-config {args.ds_config}: not valid JSON ({e})" if isinstance(e, json.JSONDecodeError) else e)
-    if args.ds.get("zero_optimization", {}).get("stage") != 3:
-        fail(f"--ds-config {args.ds_config}: iqstar.py expects ZeRO stage 3")
+    if args.ds.get("zero_optimization", {}).get("stage") not in (3, "auto"):  # auto: 0 on one rank, else 3
+        fail(f"--ds-config {args.ds_config}: iqstar.py expects ZeRO stage 3 or \"auto\"")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         fail(f"--output-dir {args.output_dir}: exists and is not a directory")
     latest = os.path.join(args.output_dir, "checkpoints", "latest.json")
@@ -511,7 +510,7 @@ def main(argv=None):
                 f.writelines(line for line in old if json.loads(line)["epoch"] <= done)
         # On a terminal a bar vanishes when done; in a log it ends its line, so that each epoch's line has its own.
         bar = functools.partial(tqdm, disable=not is_main, leave=not sys.stderr.isatty(), dynamic_ncols=True)
-        skipped_in_a_row, gather = 0, args.gather_for_generation == "on"
+        skipped_in_a_row, gather = 0, args.gather_for_generation == "on" and engine.zero_optimization()  # ZeRO-3's
         log = open_tracker(args) if is_main and args.report_to != "none" else lambda record: None
 
         for epoch in range(done + 1, args.epochs + 1):  # Algorithm 1, line 4
@@ -543,9 +542,10 @@ def main(argv=None):
                     policy_logps, mask = policy_logprobs(engine, plain[batch], ys, pad_token_id, device)
                     loss = iqstar_loss(policy_logps, target_logps, mask)
                     # line 7: θ ← θ − γ∇L by ds_config.json's optimizer; DeepSpeed skips a non-finite step on all ranks
-                    engine.backward(loss)
-                    engine.step()
-                    applied = engine.was_step_applied()
+                    engine.backward(loss)  # DeepSpeed's fp32 optimizer without ZeRO would take a non-finite step
+                    finite = all(p.grad is None or p.grad.isfinite().all() for p in policy.parameters())  # ZeRO-3: None
+                    engine.step() if finite else engine.zero_grad()  # a skipped step: its gradients dropped
+                    applied = finite and engine.was_step_applied()
                     skipped_in_a_row, skipped = (0, skipped) if applied else (skipped_in_a_row + 1, skipped + 1)
                     credit = (target_logps - policy_logps.detach()) * mask
                     if applied:  # a skipped step's numbers may be NaN

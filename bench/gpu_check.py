@@ -87,13 +87,13 @@ def write_prompts(path, count, vocab_size, low=128, high=384, seed=0):
 def ds_config(path, offload, fused_adam):
     """ds_config.json as shipped, with torch's AdamW (DeepSpeed's FusedAdam would JIT-compile with nvcc first, a
     minute or two of the device's time; the states it keeps are the same) and, for 7B on one GPU, the optimizer
-    offloaded to CPU."""
+    offloaded to CPU, which needs ZeRO: stage 3 on one rank too (ds_config.json's "auto" would give 0)."""
     with open(os.path.join(ROOT, "ds_config.json")) as f:
         config = json.load(f)
     if not fused_adam:
         config["optimizer"]["params"]["torch_adam"] = True
     if offload:
-        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        config["zero_optimization"].update(stage=3, offload_optimizer={"device": "cpu", "pin_memory": True})
     with open(path, "w") as f:
         json.dump(config, f, indent=1)
     return path

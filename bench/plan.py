@@ -128,6 +128,23 @@ def zero3_states(total, largest, ranks, b, offload_optimizer):
     return gpu, cpu
 
 
+def stage0_states(total, b, fused):
+    """The policy without ZeRO (one rank: ds_config's stage "auto" is 0 there): (bytes by phase, DeepSpeed's init
+    transient, the optimizer step's transient), per parameter from a census of resident memory around DeepSpeed
+    0.19.8's init, backward and step on CPU (SmolLM2; docs/memory.md).
+    fp32: FusedAdam on the module's own parameters (4 B); AdamW's moments (8 B) from the first step; gradients on
+    p.grad (4 B) from backward until the step's zero_grad; the step updates in place.
+    bf16: gradients accumulate in the model's dtype (DeepSpeed's default), which picks FP16_Optimizer
+    (FP16_UnfusedOptimizer with torch_adam), not BF16_Optimizer: bf16 parameters (2 B), float32 master weights
+    (4 B) and AdamW's moments (8 B), all from deepspeed.initialize, which steps once on zero float32 gradients (4 B;
+    unfused, bf16 ones too: 6 B); bf16 gradients on p.grad (2 B); the step converts them to float32 and flattens
+    them (4 + 4 B; unfused: a float32 gradient each and, on a GPU, foreach AdamW's square roots)."""
+    if b == 4:
+        return {"loading": 4 * total, "sampling": 12 * total, "scoring": 12 * total, "training": 16 * total}, 0, 0
+    return ({"loading": 14 * total, "sampling": 14 * total, "scoring": 14 * total, "training": 16 * total},
+            (4 if fused else 6) * total, 8 * total)
+
+
 def plan(args):
     """The plan as a dict: parts (bytes by phase), phases (totals), peak, fits. Sizes in GiB in the _gib keys."""
     import iqstar
@@ -141,23 +158,42 @@ def plan(args):
     b = 2 if dtype == "bf16" else 4
     N, B, P, R = args.ranks, args.batch_size, args.prompt_tokens, args.max_new_tokens
     T = P + R  # a micro-batch is padded to its longest prompt and response: planned at the longest of both
-    offload = zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
-    many = N > 1  # one rank gathers nothing: DeepSpeed points a parameter at its own shard (NoGatherHandle)
+    stage = zero.get("stage", 3)
+    if stage not in (0, 3, "auto"):
+        fail(f"--ds-config {args.ds_config}: iqstar.py expects ZeRO stage 3 or \"auto\" (got {stage!r})")
+    zero3 = stage == 3 or stage == "auto" and N > 1  # iqstar's fill_ds_config: "auto" is 0 on one rank, else 3
+    offload = zero3 and zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
+    many = zero3 and N > 1  # one rank gathers nothing: DeepSpeed points a parameter at its own shard (NoGatherHandle)
     threshold = zero.get("stage3_param_persistence_threshold", 1e5)
     whole = sum(n for n in sizes if n < threshold)  # small parameters (norms) stay whole on every rank
     shard = (total - whole) / N + whole
     frozen_models = 2 if args.aligned_model else 1
-    bucket = zero.get("reduce_bucket_size", 5e8) * b if zero.get("contiguous_gradients", True) else 0
+    bucket = zero.get("reduce_bucket_size", 5e8) * b if zero3 and zero.get("contiguous_gradients", True) else 0
     gathered_layers = (largest + zero.get("stage3_prefetch_bucket_size", 5e7)) * b if many else 0
 
-    states, states_cpu = zero3_states(total, largest, N, b, offload)
-    adam = 0 if offload else 8 * total / N  # AdamW's moments appear at the first step, not at loading
+    if zero3:
+        states, states_cpu = zero3_states(total, largest, N, b, offload)
+        adam = 0 if offload else 8 * total / N  # AdamW's moments appear at the first step, not at loading
+        policy = {"loading": states - adam, "sampling": states, "scoring": states, "training": states}
+        init = 0
+    else:
+        states_cpu = None
+        policy, init, step = stage0_states(total, b, fused=not ds.get("optimizer", {}).get("params", {}).get(
+            "torch_adam", False))
     frozen = frozen_models * shard * b
-    # Loading: on a GPU a model arrives a parameter at a time; on CPU its checkpoint file is mapped and read whole.
+    # Loading: on a GPU a model arrives a parameter at a time; on CPU its checkpoint file is mapped and read whole
+    # (but see `mapped` below).
     file_bytes = total * {"float32": 4, "float16": 2, "bfloat16": 2}.get(str(getattr(config, "dtype", None) or
                                                                              getattr(config, "torch_dtype", None)
                                                                              ).replace("torch.", ""), 4)
-    loading_transient = file_bytes if args.device == "cpu" else largest * b
+    # Without ZeRO, deepspeed.initialize's zero step on the policy comes before the frozen models are loaded.
+    loading_transient = max(file_bytes if args.device == "cpu" else largest * b, init - frozen)
+    # On CPU a checkpoint in the run's dtype is memory-mapped, and in fp32 without ZeRO nothing reads it at loading
+    # (ZeRO-3 partitions, so copies, every parameter; bf16's optimizer copies them): its pages become resident at
+    # their first use, in sampling.
+    mapped = args.device == "cpu" and not zero3 and b == 4 and file_bytes == total * b
+    if mapped:
+        policy, loading_transient = dict(policy, loading=0), 0
 
     # Sampling: iqstar's own rollout_batches cuts this rank's prompts into generate() calls within the budget
     per_rank = -(-args.samples_per_epoch // N)
@@ -187,20 +223,23 @@ def plan(args):
     with_ckpt = B * T * (s["layers"] * s["hidden"] * b + per_token + final)
     activations = with_ckpt if args.gradient_checkpointing else without
     train_chunks = chunk_elements(B, R, s["vocab"], iqstar.LOGIT_CHUNK) * (b + 3 * 4)
-    # The optimizer's step flattens the shard's 16-bit gradient and converts it to float32 (6 bytes a parameter in
-    # bf16, measured on CPU; 4 in fp32); DeepSpeed's estimator leaves it out. It comes after backward has freed
-    # the activations: the training phase's peak is the larger of the two.
+    # ZeRO-3's step flattens the shard's 16-bit gradient and converts it to float32 (6 bytes a parameter in bf16,
+    # measured on CPU; 4 in fp32); DeepSpeed's estimator leaves it out. It comes after backward has freed the
+    # activations: the training phase's peak is the larger of the two (stage 0's step: stage0_states).
     # DeepSpeed steps one sub-group (zero_optimization.sub_group_size parameters) at a time.
-    step = (4 + (b if b < 4 else 0)) * min(total / N, zero.get("sub_group_size", 1e9)) if not offload else 0
+    if zero3:
+        step = (4 + (b if b < 4 else 0)) * min(total / N, zero.get("sub_group_size", 1e9)) if not offload else 0
     context = CUDA_CONTEXT if args.device == "gpu" else 0
 
     parts = {  # part: (label, {phase: bytes})
-        "policy_states": ("policy: ZeRO-3 shard, AdamW, gradients (DeepSpeed)",
-                          {"loading": states - adam, "sampling": states, "scoring": states, "training": states}),
+        "policy_states": ("policy: ZeRO-3 shard, AdamW, gradients (DeepSpeed)" if zero3 else
+                          "policy: whole, AdamW, gradients (no ZeRO, stage 0)", policy),
         "zero3_buffers": ("ZeRO-3 reduce bucket", dict.fromkeys(PHASES, bucket)),
-        "frozen_shards": (f"frozen model{'s' * (frozen_models > 1)}: ZeRO-3 shard{'s' * (frozen_models > 1)}",
-                          dict.fromkeys(PHASES, frozen)),
-        "loading": ("loading: one model's weights in flight", {"loading": loading_transient}),
+        "frozen_shards": (f"frozen model{'s' * (frozen_models > 1)}: " + (
+            f"ZeRO-3 shard{'s' * (frozen_models > 1)}" if zero3 else "whole"),
+                          dict(dict.fromkeys(PHASES, frozen), loading=0 if mapped else frozen)),
+        "loading": ("loading: DeepSpeed's init step, zero gradients" if loading_transient == init - frozen > 0
+                    else "loading: one model's weights in flight", {"loading": loading_transient}),
         "gathered_policy": ("policy gathered for sampling" if args.gather_for_generation == "on"
                             else "policy layers gathered per token", {"sampling": gathered_policy}),
         "kv_cache": (f"KV cache: {rows} rows × {T} tokens", {"sampling": kv}),
@@ -220,14 +259,15 @@ def plan(args):
         parts["activations"][1]["training"] = 0  # freed by then: the step is the peak
         parts["logit_chunks"][1]["training"] = 0
         parts["gathered_layers"][1]["training"] = 0
-    parts["optimizer_step"] = ("optimizer step: float32 gradient", {"training": step if step_peak > phases[
-        "training"] else 0})
+    parts["optimizer_step"] = ("optimizer step: float32 gradient" + "s, flattened" * (not zero3),
+                               {"training": step if step_peak > phases["training"] else 0})
     phases = {phase: sum(p.get(phase, 0) for _, p in parts.values()) for phase in PHASES}
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]
     return {
         "config": args.config, "model_type": config.model_type, "parameters": total, "largest_layer": largest,
-        "shapes": s, "ranks": N, "dtype": dtype, "device": args.device, "gpu_gib": args.gpu_gib,
+        "shapes": s, "ranks": N, "zero_stage": 3 if zero3 else 0, "dtype": dtype, "device": args.device,
+        "gpu_gib": args.gpu_gib,
         "flags": {"batch_size": B, "prompt_tokens": P, "max_new_tokens": R, "kv_cache_tokens": args.kv_cache_tokens,
                   "samples_per_epoch": args.samples_per_epoch,
                   "gradient_checkpointing": args.gradient_checkpointing,
@@ -235,7 +275,7 @@ def plan(args):
                   "offload_optimizer": offload},
         "kv_bytes_per_token": kv_bytes_per_token(s, b), "generate_rows": rows, "generate_calls": len(calls),
         "activations_gib": {"without_checkpointing": without / GiB, "with_checkpointing": with_ckpt / GiB},
-        "deepspeed_estimate_gib": {"gpu": states / GiB, "cpu": states_cpu / GiB},
+        "deepspeed_estimate_gib": {"gpu": states / GiB, "cpu": states_cpu / GiB} if zero3 else None,
         "parts": {name: {"label": label, **{f"{ph}_gib": v / GiB for ph, v in by_phase.items()}}
                   for name, (label, by_phase) in parts.items()},
         "phases_gib": {phase: v / GiB for phase, v in phases.items()},
@@ -248,8 +288,9 @@ def table(result):
     f = result["flags"]
     name = os.path.basename(os.path.normpath(result["config"])).replace("config.json", "") or result["config"]
     lines = [f"{name}: {result['parameters'] / 1e9:.2f} B parameters, {result['shapes']['layers']} layers, "
-             f"{result['ranks']} rank(s), {result['dtype']} on {result['device'].upper()}, --batch-size "
-             f"{f['batch_size']}, prompts of {f['prompt_tokens']} + {f['max_new_tokens']} new tokens, "
+             f"{result['ranks']} rank(s), ZeRO stage {result['zero_stage']}, {result['dtype']} on "
+             f"{result['device'].upper()}, --batch-size {f['batch_size']}, prompts of {f['prompt_tokens']} + "
+             f"{f['max_new_tokens']} new tokens, "
              f"--kv-cache-tokens {f['kv_cache_tokens']} ({result['generate_calls']} generate call(s) of at most "
              f"{result['generate_rows']} rows)",
              f"{'per rank, GiB':54s}" + "".join(f"{p:>10s}" for p in PHASES)]

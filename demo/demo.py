@@ -2,7 +2,7 @@
 
 1. builds the tiny world (demo/world.py) under --out, or reuses it;
 2. measures the SFT model exactly on held-out prompts: without the principle, with it, and π̂ at α;
-3. runs Inverse-Q* through the real entry point (`python iqstar.py`, DeepSpeed ZeRO-3 included) on the
+3. runs Inverse-Q* through the real entry point (`python iqstar.py`, DeepSpeed included) on the
    world's training prompts: prompts only, no responses, no preferences;
 4. measures every epoch's policy the same way, prints a before/after table, and writes results.json
    (and plot.png, if matplotlib is installed) next to metrics.jsonl.

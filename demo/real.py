@@ -4,7 +4,7 @@
 2. measures, on held-out prompts of kinds never trained on, how often sampled answers keep to the principle
    (one short sentence, told apart by text statistics, no judge model): the model as it is (π_l), the model
    given the principle as system message (π_w), and π̂ at α;
-3. runs Inverse-Q* through the real entry point (`python iqstar.py`, DeepSpeed ZeRO-3 included) on the
+3. runs Inverse-Q* through the real entry point (`python iqstar.py`, DeepSpeed included) on the
    training prompts: prompts only, no responses, no preferences;
 4. measures the trained policy, without the principle, the same way: a before/after table with the mean
    response length and how many responses end by themselves, results.json and plot.png in the run folder.

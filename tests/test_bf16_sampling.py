@@ -65,15 +65,22 @@ def test_bf16_superior_logprobs_chunks_and_loss_match_float32_within_bf16_roundi
     assert cosine > 0.99, cosine
 
 
-def test_a_bf16_run_under_zero3_on_cpu_saves_bf16_moves_towards_the_principle_and_reports_to_tensorboard(
-        world_model, tmp_path):
-    """python iqstar.py --dtype bf16: DeepSpeed's bf16 under ZeRO-3 on CPU; the saved model is bf16 and reloads; the
-    un-prompted policy moves towards the principled one as the fp32 run does (test_train.py); every epoch's record
-    of metrics.jsonl is in the TensorBoard event file."""
-    out = str(tmp_path / "bf16")
-    result = run_iqstar(world_args(world_model, out, 4) + ["--dtype", "bf16", "--report-to", "tensorboard"])
+@pytest.mark.parametrize("stage", ["auto", 3])
+def test_a_bf16_run_on_cpu_saves_bf16_moves_towards_the_principle_and_reports_to_tensorboard(
+        world_model, tmp_path, stage):
+    """python iqstar.py --dtype bf16 on CPU, with DeepSpeed's bf16 at stage 0 (ds_config.json's "auto" on one rank:
+    its BF16_Optimizer) and under ZeRO-3 (a config naming stage 3, as several ranks get it); the saved model is bf16
+    and reloads; the un-prompted policy moves towards the principled one as the fp32 run does (test_train.py); every
+    epoch's record of metrics.jsonl is in the TensorBoard event file."""
+    out, config = str(tmp_path / "bf16"), json.load(open(os.path.join(ROOT, "ds_config.json")))
+    config["zero_optimization"]["stage"] = stage
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    result = run_iqstar(world_args(world_model, out, 4) + ["--dtype", "bf16", "--report-to", "tensorboard",
+                                                           "--ds-config", str(tmp_path / "ds.json")])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert re.search(r"rank\(s\), torch.bfloat16$", result.stdout, re.M), result.stdout[:2000]
+    # DeepSpeed writes its zero_to_fp32.py beside ZeRO checkpoints only: the run had the stage it was given
+    assert os.path.exists(os.path.join(out, "checkpoints", "zero_to_fp32.py")) == (stage == 3)
     with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     trained = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)

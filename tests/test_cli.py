@@ -125,7 +125,7 @@ def test_resume_needs_a_complete_checkpoint_of_as_many_ranks(good, tmp_path, cap
 
 @pytest.mark.parametrize("config, message", [
     ("{", "not valid JSON"),
-    ('{"zero_optimization": {"stage": 2}}', "iqstar.py expects ZeRO stage 3"),
+    ('{"zero_optimization": {"stage": 2}}', 'iqstar.py expects ZeRO stage 3 or "auto"'),
 ])
 def test_a_deepspeed_config_that_cannot_serve(good, tmp_path, capsys, config, message):
     path = tmp_path / "ds.json"
@@ -142,13 +142,16 @@ def test_an_auto_value_iqstar_cannot_fill(capsys):
     assert "--ds-config: iqstar.py fills \"auto\" only in" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("world_size, deepspeeds_linear", [("1", False), ("2", True), ("64", True)])
-def test_one_rank_keeps_torchs_linear_layer(monkeypatch, world_size, deepspeeds_linear):
-    """ds_config.json as shipped: ZeRO-3's own linear re-gathers weights for backward; one rank has nothing to gather."""
+@pytest.mark.parametrize("world_size, zero3", [("1", False), ("2", True), ("64", True)])
+def test_one_rank_runs_without_zero(monkeypatch, world_size, zero3):
+    """ds_config.json as shipped: ZeRO-3 (and its own linear layer, which re-gathers weights for backward) on several
+    ranks; one rank has nothing to shard, and runs at stage 0. A config that names stage 3 keeps it on one rank."""
     monkeypatch.setenv("WORLD_SIZE", world_size)
-    config = iqstar.fill_ds_config(json.load(open(iqstar.parse_args(["--model", "m"]).ds_config)),
-                                   iqstar.parse_args(["--model", "m"]), False)
-    assert config["zero_optimization"]["memory_efficient_linear"] is deepspeeds_linear
+    args = iqstar.parse_args(["--model", "m"])
+    config = iqstar.fill_ds_config(json.load(open(args.ds_config)), args, False)
+    assert config["zero_optimization"]["stage"] == (3 if zero3 else 0)
+    assert config["zero_optimization"]["memory_efficient_linear"] is zero3
+    assert iqstar.fill_ds_config({"zero_optimization": {"stage": 3}}, args, False)["zero_optimization"]["stage"] == 3
 
 
 def test_output_dir_that_is_a_file(good, tmp_path, capsys):

@@ -79,6 +79,135 @@ def test_the_policy_shard_is_deepspeeds_estimate():
             assert plan.zero3_states(total, largest, ranks, 2, offload)[0] == expected
 
 
+LLAMA_7B = 6_738_415_616
+
+
+def test_one_rank_runs_without_zero_fp32():
+    """ds_config's stage "auto" is 0 on one rank: the policy whole, 4 B of parameters, AdamW's 8 B from the first
+    step, 4 B of gradients in training; the step in place; the frozen model whole; nothing of ZeRO-3."""
+    result = plan_of("--config", VICUNA_7B, "--ranks", "1", "--dtype", "fp32", "--device", "cpu")
+    parts = result["parts"]
+    assert result["zero_stage"] == 0 and result["deepspeed_estimate_gib"] is None
+    policy = {phase: parts["policy_states"][f"{phase}_gib"] * GiB for phase in plan.PHASES}
+    assert policy == {"loading": 4 * LLAMA_7B, "sampling": 12 * LLAMA_7B, "scoring": 12 * LLAMA_7B,
+                      "training": 16 * LLAMA_7B}
+    assert parts["frozen_shards"]["training_gib"] * GiB == 4 * LLAMA_7B  # whole: nothing is sharded
+    for name in ("zero3_buffers", "gathered_policy", "gathered_layers", "optimizer_step"):
+        assert not any(v for k, v in parts[name].items() if k.endswith("_gib")), name
+    text = plan.table(result)
+    assert "ZeRO-3" not in text and "ZeRO stage 0" in text and "no ZeRO" in text
+
+
+def test_on_cpu_fp32_weights_are_mapped_not_read_at_loading(tmp_path):
+    """A float32 checkpoint run in fp32 on CPU is memory-mapped and, without ZeRO, read at its first use: the
+    loading phase holds none of it (bench/memory.py measures 0.07 GiB on SmolLM2); a float16 one is converted."""
+    config = json.load(open(os.path.join(VICUNA_7B, "config.json")))
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, torch_dtype="float32")))
+    flags = ["--ranks", "1", "--dtype", "fp32", "--device", "cpu"]
+    mapped, converted = plan_of("--config", str(tmp_path), *flags), plan_of("--config", VICUNA_7B, *flags)
+    assert mapped["phases_gib"]["loading"] == 0
+    assert mapped["phases_gib"]["sampling"] == converted["phases_gib"]["sampling"]
+    assert converted["phases_gib"]["loading"] * GiB == (4 + 4 + 2) * LLAMA_7B  # policy, frozen, the fp16 file
+
+
+def test_one_rank_runs_without_zero_bf16():
+    """bf16: DeepSpeed's FP16_Optimizer keeps bf16 parameters (2 B), float32 master weights (4 B) and AdamW's
+    moments (8 B) from deepspeed.initialize on; bf16 gradients (2 B) in training; the step's float32 gradients
+    (4 + 4 B) after backward, so the step sets the training peak; the init's zero step (4 B) at loading."""
+    result = plan_of("--config", VICUNA_7B, "--ranks", "1", "--gpu-gib", "141")
+    parts = result["parts"]
+    assert result["dtype"] == "bf16" and result["zero_stage"] == 0
+    assert parts["policy_states"]["loading_gib"] * GiB == parts["policy_states"]["sampling_gib"] * GiB == 14 * LLAMA_7B
+    assert parts["policy_states"]["training_gib"] * GiB == 16 * LLAMA_7B
+    assert parts["frozen_shards"]["training_gib"] * GiB == 2 * LLAMA_7B
+    assert parts["optimizer_step"]["training_gib"] * GiB == 8 * LLAMA_7B
+    assert parts["activations"]["training_gib"] == 0  # freed before the step
+    # the init's 4 B come before the frozen model's 2 B are loaded: 2 B beyond what loading's other parts hold
+    assert parts["loading"]["loading_gib"] * GiB == 2 * LLAMA_7B and "init step" in parts["loading"]["label"]
+    assert result["total_gib"] * GiB == pytest.approx((16 + 2 + 8) * LLAMA_7B + plan.CUDA_CONTEXT)
+    assert not result["fits"]
+
+
+def test_a_config_that_names_stage_3_keeps_zero3_on_one_rank(tmp_path):
+    config = json.load(open(os.path.join(ROOT, "ds_config.json")))
+    config["zero_optimization"]["stage"] = 3
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    result = plan_of("--config", VICUNA_7B, "--ranks", "1", "--ds-config", str(tmp_path / "ds.json"))
+    assert result["zero_stage"] == 3
+    assert result["parts"]["policy_states"]["training_gib"] * GiB == 18 * LLAMA_7B + 4 * 32000 * 4096
+    assert result["parts"]["zero3_buffers"]["training_gib"] * GiB == 5e7 * 2
+    assert "ZeRO-3 shard" in plan.table(result)
+
+
+def test_stage_1_is_refused(tmp_path, capsys):
+    config = json.load(open(os.path.join(ROOT, "ds_config.json")))
+    config["zero_optimization"]["stage"] = 1
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as raised:
+        plan_of("--config", VICUNA_7B, "--ranks", "1", "--ds-config", str(tmp_path / "ds.json"))
+    assert raised.value.code == 2
+    assert capsys.readouterr().err.startswith(f"plan.py: error: --ds-config {tmp_path / 'ds.json'}: ")
+
+
+# A tensor census of a tiny Llama under DeepSpeed at stage 0, as iqstar.py builds it on one rank: the storages that
+# the engine, its optimizer and the module hold, after deepspeed.initialize, after the second backward and step.
+CENSUS = r"""
+import gc, json, sys, types
+import torch
+sys.path.insert(0, sys.argv[1])
+import iqstar
+from transformers import LlamaConfig, LlamaForCausalLM
+iqstar.init_distributed()
+import deepspeed
+
+def held():
+    gc.collect()
+    tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    # a gradient has no Python object until .grad is read: the leaves' own
+    tensors += [t.grad for t in tensors if t.is_leaf and t.requires_grad and t.grad is not None]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+out = {}
+for dtype, bf16 in (("fp32", False), ("bf16", True)):
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
+    before = held()
+    model = LlamaForCausalLM(config).to(torch.bfloat16 if bf16 else torch.float32)
+    total = sum(p.numel() for p in model.parameters())
+    ds = iqstar.fill_ds_config(json.load(open(sys.argv[1] + "/ds_config.json")),
+                               types.SimpleNamespace(batch_size=1, lr=1e-3), bf16=bf16)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    figures = {"stage": engine.zero_optimization_stage(), "optimizer": type(engine.optimizer).__name__,
+               "loading": held() - before}
+    for phase in ("first step", "training"):  # AdamW's moments appear at the first step
+        loss = engine(input_ids=torch.randint(0, 256, (1, 8))).logits.float().pow(2).mean()
+        engine.backward(loss)
+        del loss
+        figures[phase] = held() - before
+        engine.step()
+    figures["sampling"] = held() - before
+    out[dtype] = {"parameters": total, **figures}
+    del engine, model, _
+print(json.dumps(out))
+"""
+
+
+def test_stage0_bytes_are_what_deepspeed_holds():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, "-c", CENSUS, ROOT], capture_output=True, text=True, cwd=ROOT,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (figures["fp32"]["optimizer"], figures["bf16"]["optimizer"]) == ("FusedAdam", "FP16_Optimizer")
+    for dtype, b in (("fp32", 4), ("bf16", 2)):
+        held = figures[dtype]
+        assert held["stage"] == 0
+        planned, _, _ = plan.stage0_states(held["parameters"], b, fused=True)
+        for phase in ("loading", "training", "sampling"):  # after initialize, after backward, after a step
+            assert held[phase] == pytest.approx(planned[phase], rel=0.03), (dtype, phase)
+
+
 def test_the_flags_that_save_memory_save_it(vicuna7b):
     base = vicuna7b["phases_gib"]
     off = plan_of("--config", VICUNA_7B, "--gather-for-generation", "off")["phases_gib"]

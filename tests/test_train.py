@@ -57,8 +57,8 @@ def test_single_process_run(world_model, straight):
     # --snapshot-every 2: epoch 2's policy as an HF model; the last epoch's is the final one in --output-dir
     AutoModelForCausalLM.from_pretrained(os.path.join(out, "epoch-2"))
     assert not os.path.exists(os.path.join(out, "epoch-4"))
-    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["epoch-4", "latest.json", "zero_to_fp32.py",
-                                                                    "zero_to_torch.py"]
+    # one checkpoint kept; one process runs without ZeRO, so DeepSpeed writes no zero_to_fp32.py beside it
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["epoch-4", "latest.json"]
 
 
 @pytest.mark.slow

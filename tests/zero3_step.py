@@ -23,6 +23,7 @@ def main(model_path, batch_path, out_path):
     rank, world_size, device = iqstar.init_distributed()
     with open(args.ds_config) as f:
         config = iqstar.fill_ds_config(json.load(f), args, bf16=False)
+    config["zero_optimization"]["stage"] = 3  # ds_config.json's "auto" gives one rank stage 0: this checks ZeRO-3
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every layer partitioned, none kept whole
     hf_ds_config = HfDeepSpeedConfig(config)  # noqa: F841  (kept alive: partitioned loading)
     policy = iqstar.load_model(model_path, torch.float32)
