@@ -221,8 +221,7 @@ def use_pure_sampling(model, max_new_tokens, eos_token_ids, pad_token_id):
 
 @torch.no_grad()
 def sample_responses(model, prompts, sampling_config, device, synced_gpus=None):
-    """One generate() call: a response per prompt, its token ids up to the first EOS. synced_gpus=None: generate()'s
-    choice (under ZeRO-3 it keeps the ranks in step, lest one that ends first leave the others waiting)."""
+    """One generate() call: a response per prompt, its token ids up to the first EOS; synced_gpus=None: generate()'s."""
     input_ids, attention_mask, *_ = make_batch(prompts, [[] for _ in prompts], sampling_config.pad_token_id, device)
     completion_ids = model.generate(input_ids, attention_mask=attention_mask, generation_config=sampling_config,
                                     synced_gpus=synced_gpus)[:, input_ids.shape[1]:]
@@ -243,8 +242,8 @@ def rollout_batches(rows, kv_cache_tokens):
 def superior_logprobs(logits_w, logits_l, alpha):
     """log π̂ = log softmax(α log π_w + (1−α) log π_l): (B, T, V) ×2 -> (B, T, V) float32. α = 1 gives π_w, α = 0
     gives π_l; α > 1 moves past π_w, away from π_l (the paper uses α ≈ 1.4)."""
-    mixed = alpha * logits_w.float().log_softmax(-1) + (1 - alpha) * logits_l.float().log_softmax(-1)
-    return mixed.log_softmax(-1)  # renormalise: the geometric mixture does not sum to one
+    # log π = logits − logsumexp(logits): each log-softmax would shift a row by a constant, which the last one removes
+    return (alpha * logits_w.float() + (1 - alpha) * logits_l.float()).log_softmax(-1)  # the mixture, normalised
 
 def iqstar_loss(policy_logps, target_logps, mask):
     """L = Σ_t (log π̂(y_t) − log π_θ(y_t))² as a mean over response tokens, (B, T) ×3 -> scalar. The target is a
@@ -524,7 +523,7 @@ def main(argv=None):
             with deepspeed.runtime.zero.unwrap_model_for_generation(engine) if gather else contextlib.nullcontext():
                 for batch in bar(rollout_batches(rows, args.kv_cache_tokens)[rank], desc=f"epoch {epoch} sample"):
                     ys = sample_responses(engine.module, [plain[i] for i in batch], engine.module.generation_config,
-                                          device, False if gather else None)
+                                          device, False if gather else None)  # None: ZeRO-3 ranks kept in step
                     responses += zip(batch, ys)
             responses = [y for _, y in sorted(responses)]  # each response in its drawn place
             seconds["sample"] = time.time() - started
@@ -543,7 +542,8 @@ def main(argv=None):
                     loss = iqstar_loss(policy_logps, target_logps, mask)
                     # line 7: θ ← θ − γ∇L by ds_config.json's optimizer; DeepSpeed skips a non-finite step on all ranks
                     engine.backward(loss)  # DeepSpeed's fp32 optimizer without ZeRO would take a non-finite step
-                    finite = all(p.grad is None or p.grad.isfinite().all() for p in policy.parameters())  # ZeRO-3: None
+                    grads = (p.grad for p in policy.parameters() if p.grad is not None)  # ZeRO-3 holds them elsewhere
+                    finite = torch.nn.utils.get_total_norm(grads).isfinite().item()  # a generator: none kept after it
                     engine.step() if finite else engine.zero_grad()  # a skipped step: its gradients dropped
                     applied = finite and engine.was_step_applied()
                     skipped_in_a_row, skipped = (0, skipped) if applied else (skipped_in_a_row + 1, skipped + 1)

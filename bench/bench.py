@@ -4,7 +4,8 @@
 2. peak memory of log π_θ(y_t) + log π̂(y_t) + the loss and its backward at V = 128256, T = 1024, batch 1:
    the straightforward full-vocabulary path (tests/reference.py) vs iqstar's chunked one (superior_targets,
    policy_logprobs), each in a fresh process: peak RSS (ru_maxrss) minus the RSS just before the computation;
-3. seconds per epoch of the demo world (make demo's settings), one process, gathered and not, and its adherence;
+3. seconds per epoch of the demo world (make demo's settings), one process under ZeRO-3, gathered and not, and its
+   adherence;
 4. an epoch's sampling on SmolLM2 with short and long prompts, one generate() call against calls within
    --kv-cache-tokens (bench/sampling_memory.py): tokens/s and peak memory.
 5. the memory plan (bench/plan.py) against SmolLM2's measured peak RSS by phase, CPU fp32 (bench/memory.py).
@@ -107,13 +108,19 @@ def memory(out):
 
 
 def demo_epochs(out):
-    """3. make demo's run, one process, with and without gathering: seconds per epoch and the adherence reached."""
+    """3. make demo's run, one process under ZeRO-3, with and without gathering: seconds per epoch and the adherence
+    reached. The config names stage 3: ds_config.json's "auto" runs one process without ZeRO, where nothing is
+    gathered either way."""
     import demo
-    figures = {}
+    figures, config = {}, json.load(open(os.path.join(ROOT, "ds_config.json")))
+    config["zero_optimization"]["stage"] = 3
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "ds_config_zero3.json"), "w") as f:
+        json.dump(config, f)
     for mode in ("on", "off"):
         run_out = os.path.join(out, f"demo-gather-{mode}")
         results = demo.run(run_out, alpha=1.4, seed=0, world_dir=os.path.join(out, "world"), quiet=True,
-                           flags=["--gather-for-generation", mode])
+                           flags=["--gather-for-generation", mode, "--ds-config", f.name])
         with open(os.path.join(run_out, "alpha1.4-seed0", "metrics.jsonl")) as f:
             metrics = [json.loads(line) for line in f]
         mean = {k: sum(m[f"{k}_seconds"] for m in metrics) / len(metrics) for k in ("sample", "score", "train")}
