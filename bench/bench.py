@@ -115,12 +115,13 @@ def demo_epochs(out):
     figures, config = {}, json.load(open(os.path.join(ROOT, "ds_config.json")))
     config["zero_optimization"]["stage"] = 3
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "ds_config_zero3.json"), "w") as f:
+    zero3 = os.path.join(out, "ds_config_zero3.json")
+    with open(zero3, "w") as f:
         json.dump(config, f)
     for mode in ("on", "off"):
         run_out = os.path.join(out, f"demo-gather-{mode}")
         results = demo.run(run_out, alpha=1.4, seed=0, world_dir=os.path.join(out, "world"), quiet=True,
-                           flags=["--gather-for-generation", mode, "--ds-config", f.name])
+                           flags=["--gather-for-generation", mode, "--ds-config", zero3])
         with open(os.path.join(run_out, "alpha1.4-seed0", "metrics.jsonl")) as f:
             metrics = [json.loads(line) for line in f]
         mean = {k: sum(m[f"{k}_seconds"] for m in metrics) / len(metrics) for k in ("sample", "score", "train")}
