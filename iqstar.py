@@ -2,8 +2,6 @@
 SFT model scores each sampled token with a principle in its system prompt (log π_w) and without it (log π_l); the policy
 is pulled towards π̂ = softmax(α log π_w + (1−α) log π_l). Paper: Xia et al. 2024, arXiv 2408.14874 (Algorithm 1, §4.2).
 
-make demo  # on a laptop CPU, a tiny model this project builds itself (demo/demo.py; other α: ALPHA=1.2 make demo)
-make demo-real  # the same with SmolLM2-135M-Instruct, a real chat model (demo/real.py)
 python iqstar.py --model path/or/hub-id --output-dir out  # one process, GPU (bf16) or CPU (fp32); every flag: --help
 deepspeed iqstar.py --model lmsys/vicuna-7b-v1.5 --output-dir out/vicuna  # 8 GPUs: the paper's run, its defaults
 deepspeed iqstar.py --model HuggingFaceH4/mistral-7b-sft-beta --aligned-model HuggingFaceH4/zephyr-7b-beta  # π_w (§5.3)
@@ -204,13 +202,14 @@ def completion_mask(completion_ids, eos_token_ids):
     return is_eos.long().cumsum(-1) - is_eos.long() == 0  # no EOS strictly before position t
 
 def make_batch(prompts, responses, pad_token_id, device):
-    """Left-padded prompts + right-padded responses: input_ids, attention_mask, position_ids, response ids and mask."""
-    P, T = max(len(x) for x in prompts), max(len(y) for y in responses)
-    rows = [[pad_token_id] * (P - len(x)) + x + y + [pad_token_id] * (T - len(y)) for x, y in zip(prompts, responses)]
-    real = [[0] * (P - len(x)) + [1] * (len(x) + len(y)) + [0] * (T - len(y)) for x, y in zip(prompts, responses)]
+    """Left-padded rows of prompt + response: input_ids, attention_mask, position_ids; the response ids and mask."""
+    W, T = max(len(x) + len(y) for x, y in zip(prompts, responses)), max(len(y) for y in responses)
+    rows = [[pad_token_id] * (W - len(x) - len(y)) + x + y for x, y in zip(prompts, responses)]
+    real = [[0] * (W - len(x) - len(y)) + [1] * (len(x) + len(y)) for x, y in zip(prompts, responses)]
     input_ids, attention_mask = torch.tensor(rows, device=device), torch.tensor(real, device=device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # real tokens only: padded, a row sees what it would
-    return input_ids, attention_mask, position_ids, input_ids[:, P:], attention_mask[:, P:].bool()
+    response_mask = torch.tensor([[False] * (T - len(y)) + [True] * len(y) for y in responses], device=device)
+    return input_ids, attention_mask, position_ids, input_ids[:, W - T:], response_mask
 
 def use_pure_sampling(model, max_new_tokens, eos_token_ids, pad_token_id):
     """Make generate() sample from π_θ itself, not with the model's generation_config (top_k=50, say); returns that."""
@@ -254,15 +253,23 @@ def iqstar_loss(policy_logps, target_logps, mask):
 LOGIT_CHUNK = 2 ** 25  # float32 logits (128 MiB) a chunk: whole (B, T, V) ones of π_w, π_l, π_θ would fill memory
 
 def response_hidden(model, prompts, responses, pad_token_id, device):
-    """(B, T, H) last hidden states predicting each response token, the head, the (B, T) ids and mask. The model runs
-    whole but unembeds one position, to check that its logits are head(hidden) (not soft-capped), as chunked wants."""
+    """(B, T, H) last hidden states predicting each response token, the head, the (B, T) ids and mask. The prompts'
+    shared start runs once, as every row's KV cache (not under ZeRO-3, whose ranks must run as many forwards, nor with
+    checkpointing, which drops caches). One position's logits check they are head(hidden) (not soft-capped)."""
     module = getattr(model, "module", model)  # the HF model inside a DeepSpeed engine
-    head, seen = module.get_output_embeddings(), {}
-    input_ids, attention_mask, position_ids, ids, mask = make_batch(prompts, responses, pad_token_id, device)
+    head, seen, cache = module.get_output_embeddings(), {}, None
+    alone = getattr(model, "zero_optimization", bool)() or any(getattr(m, "gradient_checkpointing", 0) for m in
+                                                               module.modules())  # its flag in any version
+    n = 0 if alone else len(os.path.commonprefix(prompts)[:min(map(len, prompts)) - 1])  # a token left in each row
+    tokens, attention_mask, positions, ids, mask = make_batch([x[n:] for x in prompts], responses, pad_token_id, device)
+    if n:  # the rows go on from the shared start's cache: their masks cover it, their positions follow it
+        cache = module.base_model(torch.tensor([prompts[0][:n]], device=device), use_cache=True).past_key_values
+        cache.batch_repeat_interleave(len(prompts))
+        attention_mask, positions = torch.nn.functional.pad(attention_mask, (n, 0), value=1), positions + n
     with (module.base_model.register_forward_hook(lambda m, args, out: seen.update(hidden=out[0])),
           head.register_forward_hook(lambda m, args, out: seen.update(head_in=args[0], head_out=out))):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1,
-                       use_cache=False).logits
+        logits = model(input_ids=tokens, attention_mask=attention_mask, position_ids=positions, logits_to_keep=1,
+                       past_key_values=cache, use_cache=False).logits
     hidden = seen["hidden"]
     if not (torch.equal(seen["head_in"], hidden[:, -1:]) and torch.equal(seen["head_out"].float(), logits.float())):
         raise ValueError(f"{type(module).__name__}: its logits are not its output embeddings applied to its last "
@@ -283,16 +290,11 @@ def chunked(distribution, heads, hiddens, token_ids, chunk_elements=None):
 
 @torch.no_grad()
 def superior_targets(model_w, model_l, principled, plain, responses, alpha, pad_token_id, device, chunk_elements=None):
-    """log π̂(y_t), (B, T), a fixed label: π_w is model_w on `principled` (an aligned π_w: on `plain`), π_l is
-    model_l on `plain`. One model in both contexts takes one forward of 2B rows."""
-    if model_w is model_l:
-        hidden, head, ids, _ = response_hidden(model_w, principled + plain, responses * 2, pad_token_id, device)
-        heads, hiddens, ids = [head, head], [hidden[:len(responses)], hidden[len(responses):]], ids[:len(responses)]
-    else:
-        hidden_w, head_w, ids, _ = response_hidden(model_w, principled, responses, pad_token_id, device)
-        hidden_l, head_l, _, _ = response_hidden(model_l, plain, responses, pad_token_id, device)
-        heads, hiddens = [head_w, head_l], [hidden_w, hidden_l]
-    return chunked(functools.partial(superior_logprobs, alpha=alpha), heads, hiddens, ids, chunk_elements)
+    """log π̂(y_t), (B, T), a fixed label: π_w is model_w on `principled` (aligned: `plain`), π_l model_l on `plain`."""
+    hidden_w, head_w, ids, _ = response_hidden(model_w, principled, responses, pad_token_id, device)
+    hidden_l, head_l, _, _ = response_hidden(model_l, plain, responses, pad_token_id, device)
+    distribution = functools.partial(superior_logprobs, alpha=alpha)
+    return chunked(distribution, [head_w, head_l], [hidden_w, hidden_l], ids, chunk_elements)
 
 def policy_logprobs(model, prompts, responses, pad_token_id, device, chunk_elements=None):
     """log π_θ(y_t) with its gradient, and the response mask: (B, T) each."""
@@ -490,7 +492,7 @@ def main(argv=None):
         hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 (alive all run: transformers keeps a weak ref to it)
         policy = load_model(args.model, dtype)
         if args.gradient_checkpointing:
-            policy.gradient_checkpointing_enable()
+            getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()  # the newer name
         hub_config = use_pure_sampling(policy, args.max_new_tokens, eos, pad_token_id)  # the one saved with it
         engine, *_ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(), config=ds_config)
         reference = load_frozen(args.reference_model or args.model, dtype, ds_config)  # π_l; π_w with the principle
@@ -511,7 +513,6 @@ def main(argv=None):
         bar = functools.partial(tqdm, disable=not is_main, leave=not sys.stderr.isatty(), dynamic_ncols=True)
         skipped_in_a_row, gather = 0, args.gather_for_generation == "on" and engine.zero_optimization()  # ZeRO-3's
         log = open_tracker(args) if is_main and args.report_to != "none" else lambda record: None
-
         for epoch in range(done + 1, args.epochs + 1):  # Algorithm 1, line 4
             # line 5: x ~ D, the same draw on every rank, split between them; y ~ π_θ(·|x)
             drawn = draw_prompts(len(prompts), per_rank * world_size, epoch, args.seed)
@@ -521,11 +522,12 @@ def main(argv=None):
             engine.eval()
             # Gathered (TRL's ds3_gather_for_generation): the whole policy on each rank; else every token gathers it
             with deepspeed.runtime.zero.unwrap_model_for_generation(engine) if gather else contextlib.nullcontext():
-                for batch in bar(rollout_batches(rows, args.kv_cache_tokens)[rank], desc=f"epoch {epoch} sample"):
-                    ys = sample_responses(engine.module, [plain[i] for i in batch], engine.module.generation_config,
-                                          device, False if gather else None)  # None: ZeRO-3 ranks kept in step
-                    responses += zip(batch, ys)
-            responses = [y for _, y in sorted(responses)]  # each response in its drawn place
+                for call in bar(rollout_batches(rows, args.kv_cache_tokens)[rank], desc=f"epoch {epoch} sample"):
+                    responses += zip(call, sample_responses(policy, [plain[i] for i in call], policy.generation_config,
+                                                            device, False if gather else None))  # None: generate()'s
+            # micro-batches of similar lengths pad less; the longest first, so that a lack of memory shows at once
+            places, responses = zip(*sorted(responses, key=lambda pair: -len(plain[pair[0]]) - len(pair[1])))
+            plain, principled = ([column[i] for i in places] for column in (plain, principled))  # with their responses
             seconds["sample"] = time.time() - started
             engine.train()
             tally, skipped = collections.Counter(), 0
@@ -558,7 +560,6 @@ def main(argv=None):
                         fail(f"stopped: {skipped_in_a_row} steps in a row had a non-finite loss or gradient, and "
                              f"none of them changed the policy (epoch {epoch}). Lower --lr or check the data; " +
                              (f"resume from {checkpoint} with --resume" if checkpoint else "nothing was saved"), 3)
-
             tallies = [None] * world_size  # log: one line per epoch, and one in metrics.jsonl; sums over all ranks
             torch.distributed.all_gather_object(tallies, tally)
             t = collections.Counter({k: sum(x[k] for x in tallies) for k in set().union(*tallies)})
@@ -578,7 +579,6 @@ def main(argv=None):
                 checkpoint = save_checkpoint(engine, checkpoints, epoch, is_main)
             if args.snapshot_every and epoch % args.snapshot_every == 0 and epoch < args.epochs:
                 save_policy(engine, tokenizer, hub_config, os.path.join(args.output_dir, f"epoch-{epoch}"), is_main)
-
         save_policy(engine, tokenizer, hub_config, args.output_dir, is_main)
     except (Stopped, RuntimeError) as e:  # a RuntimeError too: a collective breaks when another rank has stopped
         for signum in (signal.SIGINT, signal.SIGTERM):  # stopping now, whatever the launcher sends on

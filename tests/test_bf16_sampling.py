@@ -169,10 +169,11 @@ def test_the_budget_bounds_the_rows_and_cuts_the_longest_first():
     assert iqstar.rollout_batches([[10] * 4, [50, 10, 10, 10]], 60) == [[[0], [1, 2, 3]], [[0], [1, 2, 3]]]
 
 
-def test_a_run_trains_each_response_with_its_own_prompt_in_drawn_order_and_reports_to_wandb(world_model, tmp_path):
-    """Calls cut by --kv-cache-tokens and sorted by length; the responses come back in drawn order: each training
-    step scores the response that was sampled for its prompt, and the prompts come in draw_prompts' order. The same
-    run logs to an offline W&B run: every epoch's record of metrics.jsonl, at its epoch's step."""
+def test_a_run_trains_each_response_with_its_own_prompt_longest_first_and_reports_to_wandb(world_model, tmp_path):
+    """Calls cut by --kv-cache-tokens and sorted by length; each training step scores the response that was sampled
+    for its prompt, an epoch's steps take draw_prompts' prompts, and they come longest (prompt + response) first, so
+    that a micro-batch holds rows of similar lengths. The same run logs to an offline W&B run: every epoch's record
+    of metrics.jsonl, at its epoch's step."""
     out, record = str(tmp_path / "run"), str(tmp_path / "record.json")
     budget = 110  # 23-26 tokens a row (prompts of 7-10 + 16 new): 4 rows a call
     result = run_iqstar(world_args(world_model, out, 2) + ["--kv-cache-tokens", budget, "--report-to", "wandb"],
@@ -193,5 +194,9 @@ def test_a_run_trains_each_response_with_its_own_prompt_in_drawn_order_and_repor
     tokenizer = AutoTokenizer.from_pretrained(world_model)
     prompts = iqstar.build_prompts(iqstar.load_conversations(os.path.join(world_model, "train.jsonl"))[0], tokenizer,
                                    None, None)[0]
-    drawn = [prompts[i][0] for i in iqstar.draw_prompts(len(prompts), 24, 1, 0)]
-    assert [p for step in trained[:3] for p in step[0]] == drawn  # epoch 1's 3 steps
+    for epoch in (1, 2):  # 3 steps of 8 an epoch
+        steps = trained[3 * (epoch - 1):3 * epoch]
+        drawn = [prompts[i][0] for i in iqstar.draw_prompts(len(prompts), 24, epoch, 0)]
+        assert sorted(p for step in steps for p in step[0]) == sorted(drawn)
+        lengths = [len(p) + len(y) for step in steps for p, y in zip(*step)]
+        assert lengths == sorted(lengths, reverse=True) and len(set(lengths)) > 1, lengths

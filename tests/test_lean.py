@@ -1,4 +1,4 @@
-"""The chunked log-prob path (over positions, one forward for π_w and π_l) against the full-vocabulary one."""
+"""The chunked log-prob path (over positions) against the full-vocabulary one."""
 import pytest
 import torch
 
@@ -103,21 +103,22 @@ def test_response_hidden_refuses_a_model_whose_logits_are_not_its_head(tiny_mode
         iqstar.response_hidden(model, PROMPTS, RESPONSES, 0, "cpu")
 
 
-def test_superior_targets_in_one_forward_equal_two_separate_forwards(tiny_model, world_model):
-    """π_w and π_l from one model: one forward over principled + plain (2B rows) = the two forwards of the
-    straightforward form; and the separate-model path (an aligned π_w, §5.3) too."""
+def test_superior_targets_equal_the_full_vocabulary_formula_for_one_model_and_an_aligned_one(tiny_model, world_model):
+    """π_w and π_l from one model (the principle in π_w's prompt), and from two (an aligned π_w, §5.3): no forward
+    beyond each one's own, and the values of the straightforward form."""
     model = iqstar.load_model(tiny_model, torch.float32).eval()
     aligned = iqstar.load_model(world_model, torch.float32).eval()
     calls = []
-    model.register_forward_pre_hook(lambda m, args: calls.append(1))
-    mask = torch.tensor([[1] * len(y) + [0] * (5 - len(y)) for y in RESPONSES]).bool()
-    for model_w, principled in ((model, PRINCIPLED), (aligned, PROMPTS)):
+    model.base_model.register_forward_pre_hook(lambda m, args: calls.append(1))  # the shared start too
+    mask = iqstar.make_batch(PROMPTS, RESPONSES, 0, "cpu")[4]
+    assert mask.sum().item() == sum(map(len, RESPONSES))
+    for model_w, principled, forwards in ((model, PRINCIPLED, 3), (aligned, PROMPTS, 1)):
         for alpha in (1.0, 1.4):
             expected = reference.superior_targets(model_w, model, principled, PROMPTS, RESPONSES, alpha, 0, "cpu")
             calls.clear()
             got = iqstar.superior_targets(model_w, model, principled, PROMPTS, RESPONSES, alpha, 0, "cpu",
                                           chunk_elements=3 * 100)
-            assert len(calls) == 1  # π_w and π_l of one model: one forward; an aligned π_w: one each
+            assert len(calls) == forwards  # π_w's prompts share a first token: it, then the rows; π_l's rows
             torch.testing.assert_close(got[mask], expected[mask], rtol=1e-5, atol=1e-5)
 
 
@@ -139,3 +140,30 @@ def test_policy_logprobs_and_the_loss_equal_the_full_vocabulary_ones_values_and_
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
     assert sum(g.abs().sum() for g in expected.values()) > 0
+
+
+def test_a_shared_prompt_start_runs_once_and_changes_no_value_or_gradient(tiny_model):
+    """Rows whose prompts start alike (a chat template's system prompt): that start runs once, as a KV cache for
+    every row, and the log-probs and gradients are the straightforward form's. With gradient checkpointing, which
+    would drop the cache, the rows run whole."""
+    model = iqstar.load_model(tiny_model, torch.float32).train()
+    start = [3, 7, 21, 9]
+    prompts = [start + p for p in PROMPTS]
+    target = -torch.rand(3, 5, generator=torch.Generator().manual_seed(4)) * 5
+    policy, mask = reference.policy_logprobs(model, prompts, RESPONSES, 0, "cpu")
+    iqstar.iqstar_loss(policy, target, mask).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    shapes = []
+    model.base_model.register_forward_pre_hook(  # the shared start runs in the base model alone: no head
+        lambda m, args, kwargs: shapes.append(tuple((args[0] if args else kwargs["input_ids"]).shape)), with_kwargs=True)
+    for checkpointing, forwards in ((False, [(1, 4), (3, 8)]), (True, [(3, 12)])):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.zero_grad()
+        shapes.clear()
+        got, got_mask = iqstar.policy_logprobs(model, prompts, RESPONSES, 0, "cpu", chunk_elements=1)
+        iqstar.iqstar_loss(got, target, got_mask).backward()
+        assert shapes == forwards  # the start once, then 3 rows of the rest (the longest: 6 + 2 tokens)
+        torch.testing.assert_close(got[mask], policy[mask], rtol=1e-5, atol=1e-5)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -91,7 +91,7 @@ def test_left_padded_batch_gives_each_sample_its_own_values(tiny_model):
         for i in range(2):
             alone_logits, alone_ids, _ = response_logits(model, prompts[i:i + 1], responses[i:i + 1], 0, "cpu")
             alone = token_logprobs(alone_logits, alone_ids)[0]
-            torch.testing.assert_close(batched[i, :len(responses[i])], alone, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(batched[i][mask[i]], alone, rtol=1e-4, atol=1e-5)  # its last tokens
             assert mask[i].sum() == len(responses[i])
             full = model(torch.tensor([prompts[i] + responses[i]])).logits[0, len(prompts[i]) - 1:-1]
             torch.testing.assert_close(alone, token_logprobs(full, torch.tensor(responses[i])), rtol=1e-4, atol=1e-5)
