@@ -205,10 +205,10 @@ def plan(args):
     # normed input, the attention mask; then each step's float32 logits and probabilities
     prefill = rows * P * (3 * s["intermediate"] + 3 * s["hidden"] + P) * b + 2 * rows * s["vocab"] * 4
 
-    # Scoring: one frozen model scores π_w's and π_l's contexts in one forward of 2B rows (two of B with
-    # --aligned-model); its last hidden states stay while chunked() applies the head a chunk at a time: π_w's and
-    # π_l's logits of a chunk in the model's dtype and three float32 temporaries of superior_logprobs.
-    score_rows = 2 * B if frozen_models == 1 else B
+    # Scoring: π_w's and π_l's contexts in two forwards of B rows (the prompts' shared start run once is left out:
+    # the plan holds rows that share none); both last hidden states stay while chunked() applies the head a chunk at
+    # a time: π_w's and π_l's logits of a chunk in the model's dtype and three float32 temporaries of superior_logprobs.
+    score_rows = B
     forward = score_rows * T * (3 * s["intermediate"] + 3 * s["hidden"] + T) * b
     hidden_kept = 2 * B * T * s["hidden"] * b
     c = chunk_elements(B, R, s["vocab"], iqstar.LOGIT_CHUNK)
