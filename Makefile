@@ -28,7 +28,8 @@ $(SMOLLM2)/config.json: | $(VENV)/.real
 	$(BIN)/python demo/real.py --convert $(SMOLLM2)
 
 test: install $(SMOLLM2)/config.json
-	$(BIN)/python -m pytest -q -o faulthandler_timeout=1200 tests  # a test stuck 20 min prints every stack
+	@# A test stuck 20 min prints every stack; only failed tests keep their temporary folders (GBs otherwise)
+	$(BIN)/python -m pytest -q -o faulthandler_timeout=1200 -o tmp_path_retention_policy=failed tests
 
 # evaluate.py's extras (requirements-eval.txt): the openai client, llama.cpp's server (compiles once, about 8 minutes
 # on 2 cores; pip caches the wheel), choix for the tests, matplotlib. make test needs them for tests/test_evaluate*.py.
