@@ -7,6 +7,7 @@ deepspeed iqstar.py --model lmsys/vicuna-7b-v1.5 --output-dir out/vicuna  # 8 GP
 deepspeed iqstar.py --model HuggingFaceH4/mistral-7b-sft-beta --aligned-model HuggingFaceH4/zephyr-7b-beta  # π_w (§5.3)
 """
 import argparse
+import atexit
 import collections
 import contextlib
 import functools
@@ -460,8 +461,7 @@ def read_prompts(args, tokenizer, config):
 
 # === Algorithm 1 ================================================================================================
 def main(argv=None):
-    for signum in (signal.SIGINT, signal.SIGTERM):  # the deepspeed launcher passes Ctrl-C on to the ranks as SIGTERM
-        signal.signal(signum, raise_stopped)
+    [signal.signal(s, raise_stopped) for s in (signal.SIGINT, signal.SIGTERM)]  # deepspeed sends Ctrl-C on as SIGTERM
     args = parse_args(argv)
     check_args(args)
     config = check_model("--model", args.model)
@@ -581,8 +581,7 @@ def main(argv=None):
                 save_policy(engine, tokenizer, hub_config, os.path.join(args.output_dir, f"epoch-{epoch}"), is_main)
         save_policy(engine, tokenizer, hub_config, args.output_dir, is_main)
     except (Stopped, RuntimeError) as e:  # a RuntimeError too: a collective breaks when another rank has stopped
-        for signum in (signal.SIGINT, signal.SIGTERM):  # stopping now, whatever the launcher sends on
-            signal.signal(signum, signal.SIG_IGN)
+        [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)]  # whatever the launcher sends on
         store = torch.distributed.is_initialized() and torch.distributed.distributed_c10d._get_default_store()
         with contextlib.suppress(Exception):  # the ranks' shared store tells the others why this one stopped
             store.set("stopped", str(e.args[0])) if isinstance(e, Stopped) else None
@@ -597,4 +596,5 @@ def main(argv=None):
             torch.distributed.destroy_process_group()
 
 if __name__ == "__main__":
-    main()
+    main()  # then atexit's handlers (wandb's end) and no teardown: DeepSpeed holds the process groups to the end, and
+    atexit._run_exitfuncs(), sys.stdout.flush(), os._exit(0)  # freeing them there can abort a rank (terminate called)

@@ -4,13 +4,14 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import world
-from conftest import ROOT, read_metrics, run_iqstar, world_args
+from conftest import ROOT, iqstar_command, read_metrics, run_iqstar, world_args
 
 KEYS = {"epoch", "loss", "credit", "target_logp", "response_tokens", "mean_response_length", "eos_rate",
         "skipped_steps", "sample_seconds", "score_seconds", "train_seconds"}
@@ -59,6 +60,27 @@ def test_single_process_run(world_model, straight):
     assert not os.path.exists(os.path.join(out, "epoch-4"))
     # one checkpoint kept; one process runs without ZeRO, so DeepSpeed writes no zero_to_fp32.py beside it
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["epoch-4", "latest.json"]
+
+
+def test_the_script_ends_after_atexit_handlers_with_its_output_flushed_and_no_teardown(world_model, tmp_path):
+    """`python iqstar.py` runs atexit's handlers (wandb ends its run in one), flushes a block-buffered stdout and then
+    ends without the interpreter's teardown, where DeepSpeed's process groups are freed and could abort a rank."""
+    hooks, out = tmp_path / "hooks", str(tmp_path / "run")
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import atexit, os\n"
+        "atexit.register(os.write, 2, b'an atexit handler ran\\n')\n"
+        "class Teardown:\n"
+        "    def __del__(self, write=os.write):  # a module global: freed in the interpreter's teardown\n"
+        "        write(2, b'the interpreter was torn down\\n')\n"
+        "marker = Teardown()\n")
+    command, env = iqstar_command(world_args(world_model, out, 1, samples=8))
+    del env["PYTHONUNBUFFERED"]  # stdout to a pipe is block-buffered: os._exit would drop what was not flushed
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env=dict(env, PYTHONPATH=str(hooks)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.rstrip().endswith(f"saved the aligned policy to {out}")
+    assert "an atexit handler ran" in result.stderr and "torn down" not in result.stderr, result.stderr[-2000:]
 
 
 @pytest.mark.slow
