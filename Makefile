@@ -6,20 +6,33 @@ BIN := $(VENV)/bin
 # later start wait forever, silently (this once hung CI). A fresh clone then starts clean.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: install test demo demo-real bench train clean
+# SmolLM2-135M-Instruct (a real chat model, from PyPI) converted once into an HF folder, for the tests and demo-real
+SMOLLM2 := out/smollm2
+# make demo's and make demo-real's α and seed: ALPHA=1.2 SEED=1 make demo for others
+ALPHA ?= 1.4
+SEED ?= 0
+WHEELS := .whl
 
-install: $(VENV)/.installed
+.PHONY: help install test demo demo-real eval-real bench bench-peer train gpu-check gpu-wheels clean
 
-$(VENV)/.installed: requirements.txt
+help: ## list the targets (the default)
+	@echo "make TARGET, where TARGET is one of:"
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+install: $(VENV)/.installed ## the venv in .venv: what iqstar.py runs on (requirements.txt)
+
+$(VENV)/.installed: requirements.txt tools/build_deepspeed_ops.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt
 	@# Build DeepSpeed's CPU ops (comm, Adam) here, once (2-3 min on 2 cores), not in the first run or test
-	$(BIN)/python -c "import torch, deepspeed; from deepspeed.ops.op_builder import FusedAdamBuilder as A; \
-	    torch.cuda.is_available() or [A().load(), deepspeed.get_accelerator().create_op_builder('ShareMemCommBuilder').load()]"
+	$(BIN)/python tools/build_deepspeed_ops.py
 	touch $@
 
-# SmolLM2-135M-Instruct (a real chat model, from PyPI) converted once into an HF folder, for the tests and demo-real
-SMOLLM2 := out/smollm2
+# What only the tests need (requirements-test.txt): pytest, ruff, the trackers of --report-to
+$(VENV)/.test: requirements-test.txt | $(VENV)/.installed
+	$(BIN)/pip install -q -r requirements-test.txt
+	touch $@
+
 $(VENV)/.real: requirements-real.txt | $(VENV)/.installed
 	$(BIN)/pip install -q --no-deps -r requirements-real.txt
 	touch $@
@@ -27,57 +40,58 @@ $(VENV)/.real: requirements-real.txt | $(VENV)/.installed
 $(SMOLLM2)/config.json: | $(VENV)/.real
 	$(BIN)/python demo/real.py --convert $(SMOLLM2)
 
-test: install $(SMOLLM2)/config.json
-	@# A test stuck 20 min prints every stack; only failed tests keep their temporary folders (GBs otherwise)
-	$(BIN)/python -m pytest -q -o faulthandler_timeout=1200 -o tmp_path_retention_policy=failed tests
-
 # evaluate.py's extras (requirements-eval.txt): the openai client, llama.cpp's server (compiles once, about 8 minutes
 # on 2 cores; pip caches the wheel), choix for the tests, matplotlib. make test needs them for tests/test_evaluate*.py.
-.PHONY: eval-real
 $(VENV)/.eval: requirements-eval.txt requirements-demo.txt | $(VENV)/.installed
 	$(BIN)/pip install -q -r requirements-eval.txt
 	touch $@
-test: $(VENV)/.eval
 
-# evaluate.py on make demo-real's models (run it first, same ALPHA and SEED): SFT, Prompting and the trained policy
-# on the held-out prompts, judged both ways by SmolLM2 through llama.cpp's server; tables, plots in RUN/eval.
-eval-real: $(VENV)/.eval $(SMOLLM2)/config.json
-	$(BIN)/python demo/eval_real.py --run out/real/alpha$(ALPHA)-seed$(SEED) --model-dir $(SMOLLM2)
+# TRL, make bench-peer's extra only (requirements-peer.txt), not make bench's or test's
+$(VENV)/.peer: requirements-peer.txt | $(VENV)/.installed
+	$(BIN)/pip install -q -r requirements-peer.txt
+	touch $@
 
-# Inverse-Q* on the tiny built-in world, CPU, a few minutes; ALPHA=1.2 SEED=1 make demo for others.
-ALPHA ?= 1.4
-SEED ?= 0
-demo: install
+test: install $(VENV)/.test $(VENV)/.eval $(SMOLLM2)/config.json ## every test, the style checks included (CPU)
+	@# A test stuck 20 min prints every stack; only failed tests keep their temporary folders (GBs otherwise)
+	$(BIN)/python -m pytest -q -o faulthandler_timeout=1200 -o tmp_path_retention_policy=failed tests
+
+demo: install ## Inverse-Q* on the tiny built-in world, CPU, a few minutes (ALPHA, SEED)
 	$(BIN)/pip install -q -r requirements-demo.txt
 	$(BIN)/python demo/demo.py --out out/demo --alpha $(ALPHA) --seed $(SEED)
 
-# Inverse-Q* on SmolLM2-135M-Instruct, a real chat model, CPU, about 12 minutes; same ALPHA and SEED.
-demo-real: install $(SMOLLM2)/config.json
+demo-real: install $(SMOLLM2)/config.json ## Inverse-Q* on SmolLM2-135M-Instruct, CPU, about 12 minutes (ALPHA, SEED)
 	$(BIN)/pip install -q -r requirements-demo.txt
 	$(BIN)/python demo/real.py --out out/real --model-dir $(SMOLLM2) --alpha $(ALPHA) --seed $(SEED)
 
-# The performance figures (sampling speed and memory, log-prob memory, demo s/epoch, the memory plan's check), CPU,
-# 10-20 minutes; JSON in out/bench.
-bench: install
+# evaluate.py on make demo-real's models (run it first, same ALPHA and SEED): SFT, Prompting and the trained policy
+# on the held-out prompts, judged both ways by SmolLM2 through llama.cpp's server; tables, plots in RUN/eval.
+eval-real: $(VENV)/.eval $(SMOLLM2)/config.json ## evaluate.py on make demo-real's models, judged by SmolLM2
+	$(BIN)/python demo/eval_real.py --run out/real/alpha$(ALPHA)-seed$(SEED) --model-dir $(SMOLLM2)
+
+# Sampling speed and memory, log-prob memory, the demo's seconds per epoch, the memory plan's check; bench/memory.py
+# measures SmolLM2.
+bench: install $(SMOLLM2)/config.json ## the performance figures, CPU, 10-20 minutes; JSON in out/bench
 	$(BIN)/python bench/bench.py --out out/bench
 
-# The paper's Vicuna-7B run on one node (all its GPUs); see README for 1 GPU and several nodes.
-train: install
+# iqstar against TRL's SDFTTrainer on the same run, side by side: CPU fp32, 2 threads; JSON in out/bench/peer.
+bench-peer: $(VENV)/.peer $(SMOLLM2)/config.json ## iqstar beside TRL's SDFTTrainer, CPU, about 30 minutes
+	$(BIN)/python bench/peer.py --model $(SMOLLM2) --out out/bench/peer
+
+# See README for 1 GPU and several nodes.
+train: install ## the paper's Vicuna-7B run on one node, all its GPUs
 	$(BIN)/deepspeed iqstar.py --model lmsys/vicuna-7b-v1.5 --output-dir out/vicuna-7b-iqstar
 
-clean:
-	rm -rf out .pytest_cache
-
-# The memory plan's GPU check (issue 15): two epochs of iqstar.py in bf16 at the paper's lengths on a random 1.1B
-# Llama, beside bench/plan.py's prediction. Run ON the device tool's GPU machine, with its python3 (torch,
-# transformers) and the wheels of make gpu-wheels; docs/memory.md gives the exact command.
-.PHONY: gpu-check gpu-wheels
-WHEELS := .whl
-gpu-check:
+# The memory plan's GPU check: two epochs of iqstar.py in bf16 at the paper's lengths on a random 1.1B Llama, beside
+# bench/plan.py's prediction. Run it on the GPU machine, with that machine's python3 (torch with CUDA, transformers)
+# and DeepSpeed: pip install -r requirements.txt there, or, offline, the wheels of make gpu-wheels
+# (docs/memory.md gives the steps). make gpu-check OUT=dir also writes dir/gpu-check.json.
+gpu-check: ## on a GPU machine: two bf16 epochs beside the memory plan's prediction (OUT=dir: JSON too)
 	python3 bench/gpu_check.py --out /tmp/gpu-check $(if $(OUT),--json $(OUT)/gpu-check.json)
 
-# Here: DeepSpeed as a pure-Python wheel (its ops JIT-build where they run) and what the device lacks of its needs.
-gpu-wheels: install
+# On a machine with pip access: DeepSpeed as a pure-Python wheel (its ops JIT-build where they run) and the
+# dependencies of it that a GPU machine with torch and transformers lacks, in .whl/, to copy to a GPU machine without
+# internet access and install there with pip install --no-deps .whl/*.whl before make gpu-check.
+gpu-wheels: install ## on a machine with pip access: the wheels in .whl/ that make gpu-check needs offline
 	rm -rf $(WHEELS)
 	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w $(WHEELS) deepspeed==0.19.8
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -85,13 +99,5 @@ gpu-wheels: install
 	    pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
 	@du -sh $(WHEELS)
 
-bench: $(SMOLLM2)/config.json  # bench/memory.py measures SmolLM2
-
-# iqstar against TRL's SDFTTrainer on the same run, side by side (issue 17): CPU fp32, 2 threads, about 30 minutes on
-# 2 cores; JSON in out/bench/peer. TRL is this target's extra only (requirements-peer.txt), not make bench's or test's.
-.PHONY: bench-peer
-$(VENV)/.peer: requirements-peer.txt | $(VENV)/.installed
-	$(BIN)/pip install -q -r requirements-peer.txt
-	touch $@
-bench-peer: $(VENV)/.peer $(SMOLLM2)/config.json
-	$(BIN)/python bench/peer.py --model $(SMOLLM2) --out out/bench/peer
+clean: ## remove out/ (runs, SmolLM2, benchmarks) and pytest's cache
+	rm -rf out .pytest_cache

@@ -9,6 +9,7 @@ Each response token's credit, log π̂(y_t) − log π_ref(y_t), in the terminal
 A few samples from π̂ at several α beside π_l (α=0) and π_w (α=1), to choose α as the paper's §5.4 suggests:
     python credit.py preview --model lmsys/vicuna-7b-v1.5 --prompts prompts.jsonl --alphas 0,1,1.4,2 --samples 3
 """
+
 import argparse
 import contextlib
 import html
@@ -36,32 +37,57 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-               epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = Parser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
     commands = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    view = commands.add_parser("view", help="each response token's credit, in the terminal and as an HTML page",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    preview = commands.add_parser("preview", help="samples from π̂ at several α, beside π_l and π_w",
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    view = commands.add_parser(
+        "view",
+        help="each response token's credit, in the terminal and as an HTML page",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    preview = commands.add_parser(
+        "preview",
+        help="samples from π̂ at several α, beside π_l and π_w",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     for q in (view, preview):
-        q.add_argument("--model", required=True, help="the SFT model (hub id or local path): π_ref = π_l, and π_w "
-                       "with the principle")
-        q.add_argument("--aligned-model", help="aligned model used as π_w on the plain prompt instead of the "
-                       "principle (paper §5.3)")
+        q.add_argument(
+            "--model",
+            required=True,
+            help="the SFT model (hub id or local path): π_ref = π_l, and π_w with the principle",
+        )
+        q.add_argument(
+            "--aligned-model",
+            help="aligned model used as π_w on the plain prompt instead of the principle (paper §5.3)",
+        )
         q.add_argument("--prompt", action="append", default=[], help="a user message to answer (repeatable)")
         q.add_argument("--prompts", help="a file of prompts: .jsonl in iqstar.py's --dataset forms, else one a line")
         q.add_argument("--principle", help="principle given to π_w as a system message; default: iqstar.py's")
         q.add_argument("--principle-file", help="read the principle from this file")
         q.add_argument("--max-new-tokens", type=int, default=256, help="longest sampled response")
         q.add_argument("--seed", type=int, default=0, help="sampling seed")
-    view.add_argument("--policy", help="a trained policy π_θ (e.g. iqstar.py's --output-dir): also show "
-                      "log π̂ − log π_θ, and sample the response from it")
-    view.add_argument("--response", help="score this response (to every prompt) instead of sampling one; "
-                      "an EOS is appended, since ending is a decision too")
+    view.add_argument(
+        "--policy",
+        help="a trained policy π_θ (e.g. iqstar.py's --output-dir): also show "
+        "log π̂ − log π_θ, and sample the response from it",
+    )
+    view.add_argument(
+        "--response",
+        help="score this response (to every prompt) instead of sampling one; "
+        "an EOS is appended, since ending is a decision too",
+    )
     view.add_argument("--alpha", type=float, default=1.4, help="α in π̂ = softmax(α log π_w + (1−α) log π_l)")
     view.add_argument("--html", help="write the self-contained HTML page here")
-    view.add_argument("--plain", "--no-color", dest="plain", action="store_true",
-                      help="one line per token with the numbers, even on a terminal")
+    view.add_argument(
+        "--plain",
+        "--no-color",
+        dest="plain",
+        action="store_true",
+        help="one line per token with the numbers, even on a terminal",
+    )
     preview.add_argument("--alphas", default="0,1,1.4,2", help="comma-separated α values; 0 is π_l, 1 is π_w")
     preview.add_argument("--samples", type=int, default=3, help="responses per prompt and α")
     return p.parse_args(argv)
@@ -132,6 +158,7 @@ def read_conversations(args):
 
 def load(flag, name, device, dtype):
     from transformers import AutoModelForCausalLM
+
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except Exception as e:
@@ -145,6 +172,7 @@ class Models:
 
     def __init__(self, args):
         from transformers import AutoTokenizer
+
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         self.reference = load("--model", args.model, self.device, dtype)
@@ -159,8 +187,9 @@ class Models:
             if model is not None and model.config.vocab_size != vocab:  # π̂ mixes distributions token by token
                 fail(f"{flag} has a vocabulary of {model.config.vocab_size} tokens, --model of {vocab}")
         self.principle = args.principle
-        self.pad_token_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-                             else self.tokenizer.eos_token_id)
+        self.pad_token_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        )
         self.eos_token_ids = iqstar.eos_token_ids(self.tokenizer, self.reference.config)
         if not self.eos_token_ids:
             fail(f"--model {args.model}: the tokenizer has no EOS token to end responses")
@@ -188,10 +217,16 @@ def response_logits(model, prompts, responses, pad_token_id, device):
     chunk by chunk instead (response_hidden), which tests/test_lean.py checks against this.
     """
     input_ids, attention_mask, position_ids, response_ids, response_mask = iqstar.make_batch(
-        prompts, responses, pad_token_id, device)
+        prompts, responses, pad_token_id, device
+    )
     # logits_to_keep: only the T positions that predict response tokens get the (T x V) unembedding.
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=response_ids.shape[1] + 1, use_cache=False).logits[:, :-1]
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=response_ids.shape[1] + 1,
+        use_cache=False,
+    ).logits[:, :-1]
     return logits, response_ids, response_mask
 
 
@@ -224,7 +259,7 @@ def token_texts(tokenizer, ids):
     """
     texts, shown = [], ""
     for t in range(len(ids)):
-        text = tokenizer.decode(ids[:t + 1], clean_up_tokenization_spaces=False)
+        text = tokenizer.decode(ids[: t + 1], clean_up_tokenization_spaces=False)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 character: the next byte token completes it
             texts.append("")
             continue
@@ -249,8 +284,14 @@ def view(args):
         else:
             response = iqstar.sample_responses(sampler, [plain], sampler.generation_config, models.device)[0]
         rows = token_credit(models, plain, principled, response, args.alpha)
-        sections.append({"prompt": messages[-1]["content"], "texts": token_texts(models.tokenizer, response),
-                         "sampled": args.response is None, **{k: v.tolist() for k, v in rows.items()}})
+        sections.append(
+            {
+                "prompt": messages[-1]["content"],
+                "texts": token_texts(models.tokenizer, response),
+                "sampled": args.response is None,
+                **{k: v.tolist() for k, v in rows.items()},
+            }
+        )
     if args.html:
         with open(args.html, "w", encoding="utf-8") as f:
             f.write(html_page(sections, args))
@@ -283,40 +324,64 @@ def shade(value, bound):
 def html_page(sections, args):
     bound = scale_bound(sections)
 
-    def span(text, values):
+    def span(text, values, labels):
         (r, g, b), strength = shade(values[0], bound)
-        tip = " | ".join(f"{name} {value:+.3f}" for name, value in zip(labels, values))
+        tip = " | ".join(f"{name} {value:+.3f}" for name, value in zip(labels, values, strict=True))
         shown = html.escape(text).replace("\n", "↵\n") or "&#8203;"  # a zero-width body keeps empty tokens hoverable
         ink = "#fff" if strength > 0.8 else "#111"
-        return (f'<span class="tok" tabindex="0" data-credit="{values[0]:+.4f}" title="{tip}" data-tip="{tip}" '
-                f'style="background:rgb({r},{g},{b});color:{ink}">{shown}</span>')
+        return (
+            f'<span class="tok" tabindex="0" data-credit="{values[0]:+.4f}" title="{tip}" data-tip="{tip}" '
+            f'style="background:rgb({r},{g},{b});color:{ink}">{shown}</span>'
+        )
 
     body = []
     for number, s in enumerate(sections, 1):
-        views = [("credit vs π_ref: log π̂ − log π_ref", "credit", ["credit", "log π̂", "log π_ref"],
-                  ["credit", "superior", "reference"])]
+        views = [
+            (
+                "credit vs π_ref: log π̂ − log π_ref",
+                "credit",
+                ["credit", "log π̂", "log π_ref"],
+                ["credit", "superior", "reference"],
+            )
+        ]
         if "policy" in s:
-            views.append(("credit vs π_θ: log π̂ − log π_θ", "policy_credit", ["credit", "log π̂", "log π_θ"],
-                          ["policy_credit", "superior", "policy"]))
-        body.append(f'<section><h2>{number}. {html.escape(s["prompt"])}</h2>'
-                    f'<p class="meta">{"sampled" if s["sampled"] else "given"} response, {len(s["texts"])} tokens</p>')
+            views.append(
+                (
+                    "credit vs π_θ: log π̂ − log π_θ",
+                    "policy_credit",
+                    ["credit", "log π̂", "log π_θ"],
+                    ["policy_credit", "superior", "policy"],
+                )
+            )
+        body.append(
+            f"<section><h2>{number}. {html.escape(s['prompt'])}</h2>"
+            f'<p class="meta">{"sampled" if s["sampled"] else "given"} response, {len(s["texts"])} tokens</p>'
+        )
         for title, key, labels, keys in views:
             total = sum(s[key])
-            body.append(f'<h3>{html.escape(title)} <span class="meta">(sum {total:+.2f}, '
-                        f'mean {total / max(len(s[key]), 1):+.3f})</span></h3><div class="response">'
-                        + "".join(span(t, [s[k][i] for k in keys]) for i, t in enumerate(s["texts"]))
-                        + "</div>")
+            body.append(
+                f'<h3>{html.escape(title)} <span class="meta">(sum {total:+.2f}, '
+                f'mean {total / max(len(s[key]), 1):+.3f})</span></h3><div class="response">'
+                + "".join(span(t, [s[k][i] for k in keys], labels) for i, t in enumerate(s["texts"]))
+                + "</div>"
+            )
         body.append("</section>")
     stops = ", ".join(f"rgb{shade(v * bound, bound)[0]}" for v in (-1, -0.5, 0, 0.5, 1))
-    models = f"π_ref = {args.model}" + (f", π_w = {args.aligned_model}" if args.aligned_model else "") + (
-        f", π_θ = {args.policy}" if args.policy else "")
+    models = (
+        f"π_ref = {args.model}"
+        + (f", π_w = {args.aligned_model}" if args.aligned_model else "")
+        + (f", π_θ = {args.policy}" if args.policy else "")
+    )
+    principle = "none: π_w is --aligned-model" if args.aligned_model else args.principle
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Inverse-Q* token credit</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 1em auto; max-width: 50em; padding: 0 1em; color: #111; }}
-h1 {{ font-size: 1.3em; }} h2 {{ font-size: 1.1em; margin-top: 1.5em; }} h3 {{ font-size: 0.95em; margin-bottom: 0.3em; }}
+h1 {{ font-size: 1.3em; }}
+h2 {{ font-size: 1.1em; margin-top: 1.5em; }}
+h3 {{ font-size: 0.95em; margin-bottom: 0.3em; }}
 .meta {{ color: #555; font-size: 0.85em; font-weight: normal; }}
 .response {{ font-family: ui-monospace, monospace; font-size: 1.05em; line-height: 1.9; white-space: pre-wrap;
   overflow-wrap: anywhere; border: 1px solid #ddd; border-radius: 6px; padding: 0.6em; }}
@@ -325,16 +390,18 @@ h1 {{ font-size: 1.3em; }} h2 {{ font-size: 1.1em; margin-top: 1.5em; }} h3 {{ f
 .tok:focus::after {{ content: attr(data-tip); position: absolute; left: 0; top: 1.9em; z-index: 1;
   background: #111; color: #fff; padding: 0.2em 0.5em; border-radius: 4px; white-space: nowrap; font-size: 0.8em; }}
 .legend {{ display: flex; align-items: center; gap: 0.5em; font-size: 0.85em; flex-wrap: wrap; }}
-.bar {{ width: 14em; max-width: 60vw; height: 1em; border: 1px solid #999; background: linear-gradient(to right, {stops}); }}
+.bar {{ width: 14em; max-width: 60vw; height: 1em; border: 1px solid #999;
+  background: linear-gradient(to right, {stops}); }}
 details {{ font-size: 0.85em; color: #333; }}
 </style></head><body>
 <h1>Inverse-Q* token credit (α = {args.alpha:g})</h1>
-<p class="meta">credit = log π̂(y_t) − log π_ref(y_t), π̂ = softmax(α log π_w + (1−α) log π_l). Green: π̂ wants the token
-more than the model does, Inverse-Q* pushes it up; magenta: it pushes it down. Hover, or tap, a token for its numbers.</p>
+<p class="meta">credit = log π̂(y_t) − log π_ref(y_t), π̂ = softmax(α log π_w + (1−α) log π_l).
+Green: π̂ wants the token more than the model does, Inverse-Q* pushes it up; magenta: it pushes it down.
+Hover, or tap, a token for its numbers.</p>
 <div class="legend"><span>{-bound:+.3g}</span><div class="bar"></div><span>{bound:+.3g}</span>
 <span class="meta">(beyond ±{bound:.3g}: full colour)</span></div>
 <p class="meta">{html.escape(models)}</p>
-<details><summary>principle (π_w's system message)</summary><p>{html.escape(args.principle if not args.aligned_model else "none: π_w is --aligned-model")}</p></details>
+<details><summary>principle (π_w's system message)</summary><p>{html.escape(principle)}</p></details>
 {"".join(body)}
 </body></html>
 """
@@ -345,24 +412,33 @@ def terminal_text(sections, color):
     bound = scale_bound(sections)
     out = []
     for number, s in enumerate(sections, 1):
-        out.append(f"# {number}. {s['prompt']}  ({'sampled' if s['sampled'] else 'given'} response, "
-                   f"sum of credit {sum(s['credit']):+.2f})\n")
+        out.append(
+            f"# {number}. {s['prompt']}  ({'sampled' if s['sampled'] else 'given'} response, "
+            f"sum of credit {sum(s['credit']):+.2f})\n"
+        )
         if not color:
             extra = "  logπ_θ  credit_θ" if "policy" in s else ""
             out.append(f"{'pos':>4}  {'token':<18}  {'credit':>8}  {'logπ̂':>8}  {'logπ_ref':>8}{extra}\n")
             for i, text in enumerate(s["texts"]):
-                line = f"{i:4d}  {repr(text):<18}  {s['credit'][i]:+8.3f}  {s['superior'][i]:8.3f}  {s['reference'][i]:8.3f}"
+                line = f"{i:4d}  {repr(text):<18}  {s['credit'][i]:+8.3f}  "
+                line += f"{s['superior'][i]:8.3f}  {s['reference'][i]:8.3f}"
                 if "policy" in s:
                     line += f"  {s['policy'][i]:8.3f}  {s['policy_credit'][i]:+8.3f}"
                 out.append(line + "\n")
             continue
         for key, label in (("credit", "vs π_ref"), ("policy_credit", "vs π_θ")):
             if key in s:
-                out.append(f"{label}: " + "".join(ansi(t.replace("\n", "↵\n"), v, bound)
-                                                  for t, v in zip(s["texts"], s[key])) + "\n")
+                out.append(
+                    f"{label}: "
+                    + "".join(ansi(t.replace("\n", "↵\n"), v, bound) for t, v in zip(s["texts"], s[key], strict=True))
+                    + "\n"
+                )
     if color:
-        out.append("legend: " + "".join(ansi(f" {v * bound:+.3g} ", v * bound, bound) for v in (-1, -0.5, 0, 0.5, 1))
-                   + "  (green: π̂ wants the token more; magenta: less)\n")
+        out.append(
+            "legend: "
+            + "".join(ansi(f" {v * bound:+.3g} ", v * bound, bound) for v in (-1, -0.5, 0, 0.5, 1))
+            + "  (green: π̂ wants the token more; magenta: less)\n"
+        )
     return "".join(out)
 
 
@@ -372,7 +448,7 @@ def ansi(text, value, bound):
     if os.environ.get("COLORTERM") in ("truecolor", "24bit"):
         background = f"48;2;{r};{g};{b}"
     else:  # the 6×6×6 cube of 256-colour terminals
-        background = "48;5;" + str(16 + sum(round(c / 255 * 5) * w for c, w in zip((r, g, b), (36, 6, 1))))
+        background = "48;5;" + str(16 + sum(round(c / 255 * 5) * w for c, w in zip((r, g, b), (36, 6, 1), strict=True)))
         ink = "97" if strength > 0.8 else "30"
     return f"\x1b[{background};{ink}m{text}\x1b[0m"
 
@@ -394,8 +470,13 @@ class SuperiorLogits:
         if self.cache is not None:  # the token sampled at the last step goes after the plain prompts too
             self.ids, self.positions = input_ids[:, -1:], self.positions[:, -1:] + 1
             self.mask = torch.cat([self.mask, self.mask.new_ones(len(input_ids), 1)], 1)
-        out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
-                         past_key_values=self.cache, use_cache=True)
+        out = self.model(
+            input_ids=self.ids,
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
         self.cache = out.past_key_values
         return iqstar.superior_logprobs(scores, out.logits[:, -1], self.alpha)
 
@@ -410,10 +491,14 @@ def generate_superior(models, plain, principled, alpha, **generate_kwargs):
         model, prompts = models.reference, plain
     elif alpha != 1:
         processors.append(SuperiorLogits(models.reference, plain, models.pad_token_id, alpha, models.device))
-    input_ids, attention_mask, *_ = iqstar.make_batch(prompts, [[]] * len(prompts), models.pad_token_id,
-                                                      models.device)
-    return model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                          generation_config=model.generation_config, logits_processor=processors, **generate_kwargs)
+    input_ids, attention_mask, *_ = iqstar.make_batch(prompts, [[]] * len(prompts), models.pad_token_id, models.device)
+    return model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        generation_config=model.generation_config,
+        logits_processor=processors,
+        **generate_kwargs,
+    )
 
 
 def preview_samples(models, plain, principled, alpha):
@@ -421,7 +506,7 @@ def preview_samples(models, plain, principled, alpha):
     prompt_length = max(map(len, plain if alpha == 0 else principled))
     completion = generate_superior(models, plain, principled, alpha)[:, prompt_length:]
     mask = iqstar.completion_mask(completion, models.eos_token_ids)
-    return [ids[m].tolist() for ids, m in zip(completion, mask)]
+    return [ids[m].tolist() for ids, m in zip(completion, mask, strict=True)]
 
 
 def pad(text, width):
@@ -450,13 +535,19 @@ def preview(args):
             columns.append(texts)
         print(f"# {messages[-1]['content']}")
         if column >= 24:  # side by side: a column per α, samples one under another
-            cells = [[alpha_label(a)] + [line for i, t in enumerate(texts) for line in
-                                         ([""] if i else []) + textwrap.wrap(f"{i + 1}. {t}", column)]
-                     for a, texts in zip(args.alphas, columns)]
+            cells = [
+                [alpha_label(a)]
+                + [
+                    line
+                    for i, t in enumerate(texts)
+                    for line in ([""] if i else []) + textwrap.wrap(f"{i + 1}. {t}", column)
+                ]
+                for a, texts in zip(args.alphas, columns, strict=True)
+            ]
             for row in range(max(len(c) for c in cells)):
                 print(" | ".join(pad(c[row] if row < len(c) else "", column) for c in cells).rstrip())
         else:  # a narrow terminal: one block per α
-            for alpha, texts in zip(args.alphas, columns):
+            for alpha, texts in zip(args.alphas, columns, strict=True):
                 print(alpha_label(alpha))
                 for i, t in enumerate(texts, 1):
                     print(textwrap.fill(f"{i}. {t}", max(width, 20), subsequent_indent="   "))
@@ -466,7 +557,10 @@ def preview(args):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    (view if args.command == "view" else preview)(args)
+    if args.command == "view":
+        view(args)
+    else:
+        preview(args)
 
 
 if __name__ == "__main__":

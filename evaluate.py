@@ -15,6 +15,7 @@ Each epoch's snapshot (iqstar.py --snapshot-every 1) scored by a reward model (F
     python evaluate.py reward --reward-model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust-remote-code \\
         hh/sft.jsonl hh/epoch-1.jsonl hh/epoch-2.jsonl --json hh/reward.json --plots hh/plots
 """
+
 import argparse
 import concurrent.futures
 import hashlib
@@ -52,8 +53,9 @@ assistants' names decide. Explain your comparison in a few sentences, then give 
 {answer_b}
 [The End of Assistant B's Answer]"""
 SLOTS = ("{prompt}", "{answer_a}", "{answer_b}")
-ASK_AGAIN = ("Give your final verdict now: reply with [[A]] if Assistant A's answer is better, or [[B]] if "
-             "Assistant B's.")
+ASK_AGAIN = (
+    "Give your final verdict now: reply with [[A]] if Assistant A's answer is better, or [[B]] if Assistant B's."
+)
 VERDICT = re.compile(r"\[\[\s*([AB])\s*\]\]")
 
 
@@ -81,27 +83,47 @@ class Defaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-               epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = Parser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
     commands = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     defaults = Defaults
-    g = commands.add_parser("generate", formatter_class=defaults, help="one model's responses to a prompt set",
-                            description="One model's responses to a prompt set, one JSON line each, written as they "
-                            "come; a rerun skips the prompts already in --out.")
+    g = commands.add_parser(
+        "generate",
+        formatter_class=defaults,
+        help="one model's responses to a prompt set",
+        description="One model's responses to a prompt set, one JSON line each, written as they "
+        "come; a rerun skips the prompts already in --out.",
+    )
     g.add_argument("--model", required=True, help="the model that answers (hub id or local path)")
-    g.add_argument("--dataset", required=True, help="a local .jsonl in iqstar.py's --dataset forms (plus an optional "
-                   "'category'), or a hub dataset or local dataset folder read at --split: Anthropic/hh-rlhf, "
-                   "PKU-Alignment/BeaverTails-Evaluation (its 'category' is kept)")
+    g.add_argument(
+        "--dataset",
+        required=True,
+        help="a local .jsonl in iqstar.py's --dataset forms (plus an optional "
+        "'category'), or a hub dataset or local dataset folder read at --split: Anthropic/hh-rlhf, "
+        "PKU-Alignment/BeaverTails-Evaluation (its 'category' is kept)",
+    )
     g.add_argument("--split", default="test", help="the split of a hub dataset")
-    g.add_argument("--out", required=True, help="the responses, one JSON line each: id, messages, response, model, "
-                   "category (if any), ended")
-    g.add_argument("--name", help="the model's name in the records; default: the --model folder's name, "
-                   "+principle with one")
-    g.add_argument("--principle", help="add this principle to the system message, as iqstar's π_w prompt does: the "
-                   "paper's Prompting baseline")
+    g.add_argument(
+        "--out",
+        required=True,
+        help="the responses, one JSON line each: id, messages, response, model, category (if any), ended",
+    )
+    g.add_argument(
+        "--name", help="the model's name in the records; default: the --model folder's name, +principle with one"
+    )
+    g.add_argument(
+        "--principle",
+        help="add this principle to the system message, as iqstar's π_w prompt does: the paper's Prompting baseline",
+    )
     g.add_argument("--principle-file", help="read the principle from this file")
-    g.add_argument("--prompting", action="store_true", help="add iqstar.py's default principle (the paper's Appendix "
-                   "C), as the paper's Prompting baseline does")
+    g.add_argument(
+        "--prompting",
+        action="store_true",
+        help="add iqstar.py's default principle (the paper's Appendix C), as the paper's Prompting baseline does",
+    )
     g.add_argument("--max-new-tokens", type=int, default=512, help="longest response")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled at this temperature")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
@@ -109,61 +131,107 @@ def parse_args(argv=None):
     g.add_argument("--limit", type=int, help="only the first N prompts of the dataset")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (each batch's seed also depends on its prompts)")
 
-    j = commands.add_parser("judge", formatter_class=defaults, help="pairwise verdicts between two response files",
-                            description="One battle per prompt between the responses of two files on the same prompts, "
-                            "in Chatbot Arena's fields (model_a, model_b, winner). Every judgment is cached as it "
-                            "comes, so an interrupted run goes on from where it stopped.")
+    j = commands.add_parser(
+        "judge",
+        formatter_class=defaults,
+        help="pairwise verdicts between two response files",
+        description="One battle per prompt between the responses of two files on the same prompts, "
+        "in Chatbot Arena's fields (model_a, model_b, winner). Every judgment is cached as it "
+        "comes, so an interrupted run goes on from where it stopped.",
+    )
     j.add_argument("responses", nargs=2, metavar="RESPONSES.jsonl", help="model_a's and model_b's responses")
     j.add_argument("--out", required=True, help="the battles, one JSON line per prompt (written once all are judged)")
-    j.add_argument("--judge-url", help="an OpenAI-compatible endpoint: https://api.openai.com/v1 (GPT-4-turbo, as in "
-                   "the paper), a vLLM, llama.cpp or Ollama server's /v1")
+    j.add_argument(
+        "--judge-url",
+        help="an OpenAI-compatible endpoint: https://api.openai.com/v1 (GPT-4-turbo, as in "
+        "the paper), a vLLM, llama.cpp or Ollama server's /v1",
+    )
     j.add_argument("--judge-model", help="the model name to ask at --judge-url, e.g. gpt-4-turbo")
-    j.add_argument("--api-key-env", default="OPENAI_API_KEY", help="the environment variable holding the endpoint's "
-                   "key (a local server that checks none takes any value)")
-    j.add_argument("--judge-extra-body", metavar="JSON", help="more fields for each request, as a JSON object: a "
-                   "server's own options, e.g. llama.cpp's {\"grammar\": \"root ::= \\\"[[A]]\\\" | \\\"[[B]]\\\"\"} "
-                   "or vLLM's {\"guided_choice\": [\"[[A]]\", \"[[B]]\"]} to force a verdict out of a weak judge")
-    j.add_argument("--judge-local", metavar="PATH", help="an in-process transformers chat model as the judge, "
-                   "instead of an endpoint")
-    j.add_argument("--judge-template", metavar="FILE", help="the judge's prompt, with the slots {prompt}, "
-                   "{answer_a}, {answer_b} (e.g. the paper's Appendix B text); default: our own wording")
-    j.add_argument("--both-orders", action="store_true", help="judge each prompt both ways: a disagreement is a tie, "
-                   "and the share of consistent verdicts is reported (the judge's position bias)")
-    j.add_argument("--seed", type=int, default=0, help="which prompts are shown swapped: an RNG seeded from "
-                   "(seed, prompt id)")
+    j.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="the environment variable holding the endpoint's key (a local server that checks none takes any value)",
+    )
+    j.add_argument(
+        "--judge-extra-body",
+        metavar="JSON",
+        help="more fields for each request, as a JSON object: a "
+        'server\'s own options, e.g. llama.cpp\'s {"grammar": "root ::= \\"[[A]]\\" | \\"[[B]]\\""} '
+        'or vLLM\'s {"guided_choice": ["[[A]]", "[[B]]"]} to force a verdict out of a weak judge',
+    )
+    j.add_argument(
+        "--judge-local",
+        metavar="PATH",
+        help="an in-process transformers chat model as the judge, instead of an endpoint",
+    )
+    j.add_argument(
+        "--judge-template",
+        metavar="FILE",
+        help="the judge's prompt, with the slots {prompt}, "
+        "{answer_a}, {answer_b} (e.g. the paper's Appendix B text); default: our own wording",
+    )
+    j.add_argument(
+        "--both-orders",
+        action="store_true",
+        help="judge each prompt both ways: a disagreement is a tie, "
+        "and the share of consistent verdicts is reported (the judge's position bias)",
+    )
+    j.add_argument(
+        "--seed", type=int, default=0, help="which prompts are shown swapped: an RNG seeded from (seed, prompt id)"
+    )
     j.add_argument("--max-tokens", type=int, default=1024, help="longest judgment")
     j.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (endpoint)")
     j.add_argument("--batch-size", type=int, default=4, help="judgments per generate() call (--judge-local)")
-    j.add_argument("--retries", type=int, default=6, help="retries of a request on a rate limit, a server error or a "
-                   "lost connection, waiting --retry-wait, 2x, 4x... (with jitter, at most 60 s)")
+    j.add_argument(
+        "--retries",
+        type=int,
+        default=6,
+        help="retries of a request on a rate limit, a server error or a "
+        "lost connection, waiting --retry-wait, 2x, 4x... (with jitter, at most 60 s)",
+    )
     j.add_argument("--retry-wait", type=float, default=1.0, help="the first wait before a retry, in seconds")
     j.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
     j.add_argument("--cache", help="the judgments' cache; default: OUT's name + .cache.jsonl")
 
-    r = commands.add_parser("report", formatter_class=defaults, help="tables and plots from battle files",
-                            description="Win / tie / lose / error per pair with win - lose and its bootstrap interval "
-                            "(Figures 2, 3, 7), Bradley-Terry and Elo ratings (Table 1, Figure 4), per-category "
-                            "composite win rates (Figure 5). Battles from elsewhere in Arena's fields fit too.")
+    r = commands.add_parser(
+        "report",
+        formatter_class=defaults,
+        help="tables and plots from battle files",
+        description="Win / tie / lose / error per pair with win - lose and its bootstrap interval "
+        "(Figures 2, 3, 7), Bradley-Terry and Elo ratings (Table 1, Figure 4), per-category "
+        "composite win rates (Figure 5). Battles from elsewhere in Arena's fields fit too.",
+    )
     r.add_argument("battles", nargs="+", metavar="BATTLES.jsonl")
     r.add_argument("--json", required=True, help="write the figures here")
     r.add_argument("--plots", metavar="DIR", help="write winrates.png, ratings.png, elo.png, categories.png here")
     r.add_argument("--bootstrap", type=int, default=1000, help="resamples of the prompts for the intervals")
     r.add_argument("--confidence", type=float, default=0.95, help="of the intervals")
     r.add_argument("--elo-k", type=float, default=4.0, help="Elo's K: small suits close models (Boubdir et al.)")
-    r.add_argument("--elo-orderings", type=int, default=100, help="random orderings of the battles that Elo is "
-                   "averaged over (Boubdir et al.: at least 100)")
+    r.add_argument(
+        "--elo-orderings",
+        type=int,
+        default=100,
+        help="random orderings of the battles that Elo is averaged over (Boubdir et al.: at least 100)",
+    )
     r.add_argument("--elo-base", type=float, default=1000.0, help="every model's Elo before its first battle")
     r.add_argument("--seed", type=int, default=0, help="the bootstrap's and the orderings' seed")
 
-    w = commands.add_parser("reward", formatter_class=defaults, help="a reward model's scores of response files",
-                            description="Scores each response with a sequence-classification reward model in its own "
-                            "chat template. Given each epoch's responses, the first file being epoch 0 (the SFT "
-                            "model), "
-                            "draws Figure 6: the mean per-prompt increment over epoch 0 divided by the standard "
-                            "deviation of the epoch-0 scores, with a paired interval.")
+    w = commands.add_parser(
+        "reward",
+        formatter_class=defaults,
+        help="a reward model's scores of response files",
+        description="Scores each response with a sequence-classification reward model in its own "
+        "chat template. Given each epoch's responses, the first file being epoch 0 (the SFT "
+        "model), "
+        "draws Figure 6: the mean per-prompt increment over epoch 0 divided by the standard "
+        "deviation of the epoch-0 scores, with a paired interval.",
+    )
     w.add_argument("responses", nargs="+", metavar="RESPONSES.jsonl")
-    w.add_argument("--reward-model", required=True, help="a sequence-classification model, e.g. "
-                   "RLHFlow/ArmoRM-Llama3-8B-v0.1 (with --trust-remote-code)")
+    w.add_argument(
+        "--reward-model",
+        required=True,
+        help="a sequence-classification model, e.g. RLHFlow/ArmoRM-Llama3-8B-v0.1 (with --trust-remote-code)",
+    )
     w.add_argument("--trust-remote-code", action="store_true", help="run the reward model's own code (ArmoRM needs it)")
     w.add_argument("--json", required=True, help="write the scores and increments here")
     w.add_argument("--plots", metavar="DIR", help="write reward.png (Figure 6) here")
@@ -192,6 +260,7 @@ def read_dataset(dataset, split):
             rows = [(f"line {number}", line) for number, line in enumerate(f, 1) if line.strip()]
     else:
         import datasets
+
         try:
             rows = [(f"row {i}", row) for i, row in enumerate(datasets.load_dataset(dataset, split=split))]
         except Exception as e:
@@ -202,9 +271,18 @@ def read_dataset(dataset, split):
             row = json.loads(row.decode()) if isinstance(row, bytes) else row
             messages = iqstar.row_to_messages(row)
         except (ValueError, RecursionError) as e:  # as iqstar.load_conversations says it
-            skipped.append((where, "not UTF-8 text" if isinstance(e, UnicodeError) else "JSON nested too deeply"
-                            if isinstance(e, RecursionError) else "not valid JSON"
-                            if isinstance(e, json.JSONDecodeError) else str(e)))
+            skipped.append(
+                (
+                    where,
+                    "not UTF-8 text"
+                    if isinstance(e, UnicodeError)
+                    else "JSON nested too deeply"
+                    if isinstance(e, RecursionError)
+                    else "not valid JSON"
+                    if isinstance(e, json.JSONDecodeError)
+                    else str(e),
+                )
+            )
             continue
         record = {"id": prompt_id(messages), "messages": messages}
         if record["id"] in seen:  # HH's test split repeats some prompts: one response (and battle) per prompt
@@ -245,8 +323,12 @@ def read_responses(path, flag="RESPONSES.jsonl"):
     """id -> record of a response file (evaluate.py generate's, or any with the same fields)."""
     responses, models = {}, set()
     for number, r in read_jsonl(path, flag):
-        if not (isinstance(r.get("id"), str) and isinstance(r.get("response"), str) and isinstance(r.get("model"), str)
-                and isinstance(r.get("messages"), list)):
+        if not (
+            isinstance(r.get("id"), str)
+            and isinstance(r.get("response"), str)
+            and isinstance(r.get("model"), str)
+            and isinstance(r.get("messages"), list)
+        ):
             fail(f"{flag} {path}, line {number}: a response needs 'id', 'messages', 'response' and 'model'")
         if r["id"] in responses:
             fail(f"{flag} {path}, line {number}: id {r['id']} again")
@@ -278,6 +360,7 @@ def device_and_dtype():
 def load_causal_lm(flag, name):
     """A chat model and its tokenizer for generating (eval: no dropout), with its EOS ids and a pad id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if name.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(name)):
         fail(f"{flag} {name}: no such directory")
     device, dtype = device_and_dtype()
@@ -294,11 +377,12 @@ def load_causal_lm(flag, name):
 
 
 def chunks(items, size):
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def progress(total, description):
     from tqdm.auto import tqdm
+
     return tqdm(total=total, desc=description, unit="prompt", dynamic_ncols=True, disable=total == 0)
 
 
@@ -322,18 +406,23 @@ def generate(args):
     name = args.name or os.path.basename(os.path.normpath(args.model)) + ("+principle" if principle else "")
     prompts, skipped = read_dataset(args.dataset, args.split)
     if args.limit:
-        prompts = prompts[:args.limit]
+        prompts = prompts[: args.limit]
     if not prompts:
-        fail(iqstar.skip_report(args.dataset, skipped, len(skipped)) + "; no prompts left" if skipped
-             else f"--dataset {args.dataset}: holds no prompts")
+        fail(
+            iqstar.skip_report(args.dataset, skipped, len(skipped)) + "; no prompts left"
+            if skipped
+            else f"--dataset {args.dataset}: holds no prompts"
+        )
     if skipped:
         print(iqstar.skip_report(args.dataset, skipped, len(prompts) + len(skipped)), file=sys.stderr)
     done = set()
     if os.path.exists(args.out):  # a rerun goes on where the last one stopped
         for number, r in read_jsonl(args.out, "--out", resume=True):
             if r.get("model") != name:
-                fail(f"--out {args.out}, line {number}: holds responses of model {r.get('model')!r}, not {name!r}; "
-                     "give another --out or --name")
+                fail(
+                    f"--out {args.out}, line {number}: holds responses of model {r.get('model')!r}, not {name!r}; "
+                    "give another --out or --name"
+                )
             done.add(r.get("id"))
     todo = [p for p in prompts if p["id"] not in done]
     if not todo:
@@ -341,6 +430,7 @@ def generate(args):
         return
     model, tokenizer, eos, pad, device = load_causal_lm("--model", args.model)
     from transformers import GenerationConfig
+
     sampled = args.temperature > 0  # none of the model's own generation_config (its top-k, say) comes in
     config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad)
     if sampled:
@@ -355,17 +445,30 @@ def generate(args):
             try:
                 ids = [iqstar.format_prompt(tokenizer, p["messages"], principle) for p in batch]
             except Exception as e:  # e.g. a template that refuses a system role, or insists on alternating turns
-                fail(f"--model {args.model}: its chat template rejects a prompt of {args.dataset} "
-                     f"({(str(e) or type(e).__name__).splitlines()[0]})")
+                fail(
+                    f"--model {args.model}: its chat template rejects a prompt of {args.dataset} "
+                    f"({(str(e) or type(e).__name__).splitlines()[0]})"
+                )
             torch.manual_seed(int(hashlib.sha256(f"{args.seed}-{batch[0]['id']}".encode()).hexdigest()[:8], 16))
-            for p, response in zip(batch, iqstar.sample_responses(model, ids, config, device)):
+            for p, response in zip(batch, iqstar.sample_responses(model, ids, config, device), strict=True):
                 if p["id"] in done:
                     continue
                 ended = bool(response) and response[-1] in eos
                 text = tokenizer.decode(response, skip_special_tokens=True).strip()
-                f.write(json.dumps({"id": p["id"], "messages": p["messages"], "response": text, "model": name,
-                                    **{k: p[k] for k in ("category",) if k in p}, "ended": ended},
-                                   ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "id": p["id"],
+                            "messages": p["messages"],
+                            "response": text,
+                            "model": name,
+                            **{k: p[k] for k in ("category",) if k in p},
+                            "ended": ended,
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
             f.flush()  # each batch is on disk before the next starts: a kill loses one batch at most
             bar.update(sum(p["id"] not in done for p in batch))
     print(f"{args.out}: {len(todo)} responses of {name} written, {len(prompts)} in all")
@@ -389,7 +492,7 @@ def conversation_text(messages):
 
 def fill(template, prompt, answer_a, answer_b):
     """The template with its slots filled, one pass: braces in answers (code, JSON) stay as they are."""
-    values = dict(zip(SLOTS, (prompt, answer_a, answer_b)))
+    values = dict(zip(SLOTS, (prompt, answer_a, answer_b), strict=True))
     return re.sub("|".join(map(re.escape, SLOTS)), lambda m: values[m.group()], template)
 
 
@@ -403,7 +506,8 @@ def unswap(verdict, order):
     if verdict is None:
         return "error"
     return {("A", "AB"): "model_a", ("B", "AB"): "model_b", ("A", "BA"): "model_b", ("B", "BA"): "model_a"}[
-        verdict, order]
+        verdict, order
+    ]
 
 
 class Endpoint:
@@ -411,11 +515,14 @@ class Endpoint:
 
     def __init__(self, args):
         import openai
+
         self.openai, self.args = openai, args
         key = os.environ.get(args.api_key_env)
         if not key:
-            fail(f"--judge-url {args.judge_url}: no key in ${args.api_key_env} (set it; a local server that checks "
-                 f"none takes any value, e.g. {args.api_key_env}=none)")
+            fail(
+                f"--judge-url {args.judge_url}: no key in ${args.api_key_env} (set it; a local server that checks "
+                f"none takes any value, e.g. {args.api_key_env}=none)"
+            )
         self.client = openai.OpenAI(base_url=args.judge_url, api_key=key, max_retries=0, timeout=args.timeout)
         try:  # reach it once before anything is queued: a wrong URL is one line, not a run of retries
             self.client.with_options(timeout=30).models.list()
@@ -430,19 +537,29 @@ class Endpoint:
         errors = (self.openai.RateLimitError, self.openai.InternalServerError, self.openai.APIConnectionError)
         for attempt in range(self.args.retries + 1):
             try:
-                reply = self.client.chat.completions.create(model=self.args.judge_model, messages=messages,
-                                                            temperature=0, max_tokens=self.args.max_tokens,
-                                                            extra_body=self.args.extra_body)
+                reply = self.client.chat.completions.create(
+                    model=self.args.judge_model,
+                    messages=messages,
+                    temperature=0,
+                    max_tokens=self.args.max_tokens,
+                    extra_body=self.args.extra_body,
+                )
                 return reply.choices[0].message.content or ""
             except errors as e:  # APITimeoutError is an APIConnectionError
                 if attempt == self.args.retries:
-                    fail(f"--judge-url {self.args.judge_url}: {type(e).__name__} after {attempt + 1} tries "
-                         f"({str(e).splitlines()[0] if str(e) else e.__cause__})", code=1)
+                    fail(
+                        f"--judge-url {self.args.judge_url}: {type(e).__name__} after {attempt + 1} tries "
+                        f"({str(e).splitlines()[0] if str(e) else e.__cause__})",
+                        code=1,
+                    )
                 # Jitter, so that the pool's requests, rate-limited together, do not all come back together.
-                time.sleep(min(60.0, self.args.retry_wait * 2 ** attempt) * random.uniform(0.5, 1.0))
+                time.sleep(min(60.0, self.args.retry_wait * 2**attempt) * random.uniform(0.5, 1.0))
             except self.openai.APIStatusError as e:  # 4xx: the request itself (a wrong model name, say) is refused
-                fail(f"--judge-url {self.args.judge_url}: the judge refused the request (HTTP {e.status_code}: "
-                     f"{str(e).splitlines()[0]})", code=2 if e.status_code in (401, 403, 404) else 1)
+                fail(
+                    f"--judge-url {self.args.judge_url}: the judge refused the request (HTTP {e.status_code}: "
+                    f"{str(e).splitlines()[0]})",
+                    code=2 if e.status_code in (401, 403, 404) else 1,
+                )
 
     def judgments(self, requests):
         """(key, judgment) as each is done, each asked once more if it gave no verdict."""
@@ -471,29 +588,38 @@ class LocalJudge:
 
     def __init__(self, args):
         from transformers import GenerationConfig
+
         self.model, self.tokenizer, eos, pad, self.device = load_causal_lm("--judge-local", args.judge_local)
-        self.config = GenerationConfig(do_sample=False, max_new_tokens=args.max_tokens, eos_token_id=eos,
-                                       pad_token_id=pad)
+        self.config = GenerationConfig(
+            do_sample=False, max_new_tokens=args.max_tokens, eos_token_id=eos, pad_token_id=pad
+        )
         self.batch_size = args.batch_size
 
     def ask_batch(self, conversations):
         prompts = [iqstar.format_prompt(self.tokenizer, c) for c in conversations]
-        return [self.tokenizer.decode(r, skip_special_tokens=True).strip()
-                for r in iqstar.sample_responses(self.model, prompts, self.config, self.device)]
+        return [
+            self.tokenizer.decode(r, skip_special_tokens=True).strip()
+            for r in iqstar.sample_responses(self.model, prompts, self.config, self.device)
+        ]
 
     def judgments(self, requests):
         for batch in chunks(requests, self.batch_size):
             texts = [text for _, text in batch]
             firsts = self.ask_batch([[{"role": "user", "content": t}] for t in texts])
             again = [i for i, first in enumerate(firsts) if parse_verdict(first) is None]
-            answers = dict(zip(again, self.ask_batch([[{"role": "user", "content": texts[i]},
-                                                       {"role": "assistant", "content": firsts[i]},
-                                                       {"role": "user", "content": ASK_AGAIN}] for i in again])
-                               if again else []))
+            retries = [
+                [
+                    {"role": "user", "content": texts[i]},
+                    {"role": "assistant", "content": firsts[i]},
+                    {"role": "user", "content": ASK_AGAIN},
+                ]
+                for i in again
+            ]
+            answers = dict(zip(again, self.ask_batch(retries) if retries else [], strict=True))
             for i, (key, _) in enumerate(batch):
                 if i in answers:
-                    yield key, {"text": f"{firsts[i]}\n\n[asked again] {answers[i]}", "verdict":
-                                parse_verdict(answers[i])}
+                    text = f"{firsts[i]}\n\n[asked again] {answers[i]}"
+                    yield key, {"text": text, "verdict": parse_verdict(answers[i])}
                 else:
                     yield key, {"text": firsts[i], "verdict": parse_verdict(firsts[i])}
 
@@ -552,8 +678,10 @@ def judge(args):
         fail(f"{path_a} and {path_b} both hold responses of model {model_a!r}; tell them apart with generate's --name")
     only_a, only_b = a.keys() - b.keys(), b.keys() - a.keys()
     if only_a or only_b:
-        fail(f"{path_a} and {path_b} do not hold the same prompts: {len(only_a)} only in the first, {len(only_b)} only "
-             f"in the second (e.g. id {sorted(only_a or only_b)[0]})")
+        fail(
+            f"{path_a} and {path_b} do not hold the same prompts: {len(only_a)} only in the first, {len(only_b)} only "
+            f"in the second (e.g. id {sorted(only_a or only_b)[0]})"
+        )
     differ = [i for i in a if a[i]["messages"] != b[i]["messages"]]
     if differ:
         fail(f"{path_a} and {path_b} do not hold the same prompts: id {differ[0]} has other messages in each")
@@ -568,15 +696,20 @@ def judge(args):
         for order in ("AB", "BA") if args.both_orders else ("BA" if swapped(args.seed, pid) else "AB",):
             first, second = (ra, b[pid]) if order == "AB" else (b[pid], ra)
             text = fill(template, conversation_text(ra["messages"]), first["response"], second["response"])
-            key = hashlib.sha256(json.dumps([name, template, ra["messages"], first["response"],
-                                             second["response"]], ensure_ascii=False).encode()).hexdigest()
+            key = hashlib.sha256(
+                json.dumps(
+                    [name, template, ra["messages"], first["response"], second["response"]], ensure_ascii=False
+                ).encode()
+            ).hexdigest()
             shown[pid, order] = key, text
     todo = list({key: text for key, text in shown.values() if key not in cache}.items())
     # An endpoint is reached even with nothing to ask: a wrong URL or key is said now, not on the day it matters.
     judge_model = Endpoint(args) if args.judge_url else LocalJudge(args) if todo else None
     if todo:
-        print(f"judging {len(todo)} of {len(shown)} ({len(shown) - len(todo)} cached in {cache_path}) with {name}",
-              file=sys.stderr)
+        print(
+            f"judging {len(todo)} of {len(shown)} ({len(shown) - len(todo)} cached in {cache_path}) with {name}",
+            file=sys.stderr,
+        )
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
         with open(cache_path, "a", encoding="utf-8") as f, progress(len(todo), "judge") as bar:
             try:
@@ -587,33 +720,49 @@ def judge(args):
                     bar.update()
             except Failed as e:
                 if e.code == 1:
-                    e.args = (f"{e}; {len(cache)} judgments are cached in {cache_path}: rerun the same command to "
-                              "go on",)
+                    e.args = (
+                        f"{e}; {len(cache)} judgments are cached in {cache_path}: rerun the same command to go on",
+                    )
                 raise
 
     battles, consistent, both_valid = [], 0, 0
     for pid, ra in a.items():
-        verdicts = [{"order": order, "winner": unswap(cache[key]["verdict"], order), "judgment": cache[key]["text"]}
-                    for (p, order), (key, _) in shown.items() if p == pid]
-        battle = {"id": pid, "model_a": model_a, "model_b": model_b, "winner": verdicts[0]["winner"],
-                  "messages": ra["messages"], **{k: ra[k] for k in ("category",) if k in ra},
-                  "judge": name}
+        verdicts = [
+            {"order": order, "winner": unswap(cache[key]["verdict"], order), "judgment": cache[key]["text"]}
+            for (p, order), (key, _) in shown.items()
+            if p == pid
+        ]
+        battle = {
+            "id": pid,
+            "model_a": model_a,
+            "model_b": model_b,
+            "winner": verdicts[0]["winner"],
+            "messages": ra["messages"],
+            **{k: ra[k] for k in ("category",) if k in ra},
+            "judge": name,
+        }
         if args.both_orders:
             w = [v["winner"] for v in verdicts]
             if "error" not in w:
                 both_valid += 1
                 consistent += w[0] == w[1]
-            battle.update(winner="error" if "error" in w else w[0] if w[0] == w[1] else "tie", order="both",
-                          verdicts=verdicts)
+            battle.update(
+                winner="error" if "error" in w else w[0] if w[0] == w[1] else "tie", order="both", verdicts=verdicts
+            )
         else:
             battle.update(order=verdicts[0]["order"], judgment=verdicts[0]["judgment"])
         battles.append(battle)
     write_json_atomically(args.out, lines=battles)
     counts = {w: sum(b["winner"] == w for b in battles) for w in WINNERS}
-    print(f"{args.out}: {len(battles)} battles, {model_a} vs {model_b}: {counts['model_a']} won, {counts['tie']} tied, "
-          f"{counts['model_b']} lost, {counts['error']} errors" + (
-              f"; consistent under swapping: {consistent}/{both_valid} = {consistent / both_valid:.3f}"
-              if args.both_orders and both_valid else ""))
+    print(
+        f"{args.out}: {len(battles)} battles, {model_a} vs {model_b}: {counts['model_a']} won, {counts['tie']} tied, "
+        f"{counts['model_b']} lost, {counts['error']} errors"
+        + (
+            f"; consistent under swapping: {consistent}/{both_valid} = {consistent / both_valid:.3f}"
+            if args.both_orders and both_valid
+            else ""
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -624,18 +773,29 @@ def read_battles(paths):
     battles = []
     for path in paths:
         for number, r in read_jsonl(path, "BATTLES.jsonl"):
-            if not (isinstance(r.get("model_a"), str) and isinstance(r.get("model_b"), str)) or r["model_a"] == r[
-                    "model_b"]:
+            if (
+                not (isinstance(r.get("model_a"), str) and isinstance(r.get("model_b"), str))
+                or r["model_a"] == r["model_b"]
+            ):
                 fail(f"BATTLES.jsonl {path}, line {number}: needs two different models in 'model_a' and 'model_b'")
             winner = "tie" if r.get("winner") == "tie (bothbad)" else r.get("winner")  # Arena's other tie
             if winner not in WINNERS:
-                fail(f"BATTLES.jsonl {path}, line {number}: 'winner' must be one of {', '.join(WINNERS)} "
-                     f"(got {r.get('winner')!r})")
+                fail(
+                    f"BATTLES.jsonl {path}, line {number}: 'winner' must be one of {', '.join(WINNERS)} "
+                    f"(got {r.get('winner')!r})"
+                )
             prompt = r.get("id", r.get("question_id"))
             if prompt is None:
                 prompt = prompt_id(r.get("messages") or r.get("prompt") or r.get("conversation_a") or [number, path])
-            battles.append({"model_a": r["model_a"], "model_b": r["model_b"], "winner": winner, "prompt": str(prompt),
-                            "category": r.get("category") if isinstance(r.get("category"), str) else None})
+            battles.append(
+                {
+                    "model_a": r["model_a"],
+                    "model_b": r["model_b"],
+                    "winner": winner,
+                    "prompt": str(prompt),
+                    "category": r.get("category") if isinstance(r.get("category"), str) else None,
+                }
+            )
     if not battles:
         fail(f"BATTLES.jsonl {' '.join(paths)}: holds no battles")
     return battles
@@ -645,6 +805,7 @@ def interval(samples, confidence):
     """The central `confidence` share of the samples (along the first axis): lower, upper. Each bound is one of the
     samples, never a value between two that no resample gives."""
     import numpy as np
+
     tail = (1 - confidence) / 2 * 100
     return np.percentile(samples, [tail, 100 - tail], axis=0, method="inverted_cdf")
 
@@ -653,6 +814,7 @@ def pair_table(battles, args, rng):
     """Per pair of models (oriented as first met): counts, rates over the judged battles, win - lose with a bootstrap
     interval over the pair's prompts."""
     import numpy as np
+
     pairs = {}
     for b in battles:
         key = (b["model_a"], b["model_b"])
@@ -662,8 +824,15 @@ def pair_table(battles, args, rng):
         by_prompt = {}  # prompt -> [wins, ties, losses] of `model`
         counts = {"win": 0, "tie": 0, "lose": 0, "error": 0}
         for b in group:
-            outcome = ("error" if b["winner"] == "error" else "tie" if b["winner"] == "tie" else
-                       "win" if b[b["winner"]] == model else "lose")
+            outcome = (
+                "error"
+                if b["winner"] == "error"
+                else "tie"
+                if b["winner"] == "tie"
+                else "win"
+                if b[b["winner"]] == model
+                else "lose"
+            )
             counts[outcome] += 1
             if outcome != "error":
                 by_prompt.setdefault(b["prompt"], [0, 0, 0])[("win", "tie", "lose").index(outcome)] += 1
@@ -675,8 +844,11 @@ def pair_table(battles, args, rng):
             picks = rng.integers(0, len(wtl), size=(args.bootstrap, len(wtl)))
             resampled = wtl[picks].sum(1)  # (bootstrap, 3)
             lower, upper = interval((resampled[:, 0] - resampled[:, 2]) / resampled.sum(1), args.confidence)
-            row["win_minus_lose"] = {"value": (counts["win"] - counts["lose"]) / judged, "lower": float(lower),
-                                     "upper": float(upper)}
+            row["win_minus_lose"] = {
+                "value": (counts["win"] - counts["lose"]) / judged,
+                "lower": float(lower),
+                "upper": float(upper),
+            }
         table.append(row)
     return table
 
@@ -686,6 +858,7 @@ def bradley_terry(wins, l2=1e-6, iterations=200):
     method on −log L + l2/2 |θ|², for a whole stack of win matrices at once (the bootstrap's). The tiny l2 only pins
     the scale's origin and keeps finite the strength of a model that never lost (or never won)."""
     import numpy as np
+
     wins = np.asarray(wins, dtype=float)
     theta = np.zeros(wins.shape[:-1])
     games = wins + np.swapaxes(wins, -1, -2)
@@ -712,6 +885,7 @@ def elo_scale(theta, base):
 def elo_run(outcomes, order, n_models, k, base):
     """One pass of Elo over the battles in `order`: ratings after each battle, (battles + 1, models)."""
     import numpy as np
+
     ratings = np.full(n_models, base)
     history = [ratings.copy()]
     for i in order:
@@ -725,6 +899,7 @@ def elo_run(outcomes, order, n_models, k, base):
 
 def report(args):
     import numpy as np
+
     if args.bootstrap < 1 or args.elo_orderings < 1 or not 0 < args.confidence < 1 or args.elo_k <= 0:
         fail("--bootstrap and --elo-orderings must be positive, --confidence in (0, 1), --elo-k > 0")
     battles = read_battles(args.battles)
@@ -735,33 +910,47 @@ def report(args):
     models = sorted({b[m] for b in battles for m in ("model_a", "model_b")})
     index = {m: i for i, m in enumerate(models)}
     # (a, b, score of a): a tie is half a win for each
-    outcomes = [(index[b["model_a"]], index[b["model_b"]], {"model_a": 1.0, "tie": 0.5, "model_b": 0.0}[b["winner"]])
-                for b in judged]
+    outcomes = [
+        (index[b["model_a"]], index[b["model_b"]], {"model_a": 1.0, "tie": 0.5, "model_b": 0.0}[b["winner"]])
+        for b in judged
+    ]
     prompts = sorted({b["prompt"] for b in judged})
     per_prompt = np.zeros((len(prompts), len(models), len(models)))  # each prompt's wins matrix
     where = {p: i for i, p in enumerate(prompts)}
-    for b, (i, j, s) in zip(judged, outcomes):
+    for b, (i, j, s) in zip(judged, outcomes, strict=True):
         per_prompt[where[b["prompt"]], i, j] += s
         per_prompt[where[b["prompt"]], j, i] += 1 - s
     ratings = {}
     if judged:
         bt = elo_scale(bradley_terry(per_prompt.sum(0)), args.elo_base)
-        counts = np.stack([np.bincount(rng.integers(0, len(prompts), len(prompts)), minlength=len(prompts))
-                           for _ in range(args.bootstrap)])  # how often each prompt is drawn, per resample
+        counts = np.stack(
+            [
+                np.bincount(rng.integers(0, len(prompts), len(prompts)), minlength=len(prompts))
+                for _ in range(args.bootstrap)
+            ]
+        )  # how often each prompt is drawn, per resample
         resampled = elo_scale(bradley_terry(np.tensordot(counts, per_prompt, 1)), args.elo_base)
         low, high = interval(resampled, args.confidence)
-        ratings["bradley_terry"] = {m: {"rating": float(bt[i]), "lower": float(low[i]), "upper": float(high[i])}
-                                    for i, m in enumerate(models)}
+        ratings["bradley_terry"] = {
+            m: {"rating": float(bt[i]), "lower": float(low[i]), "upper": float(high[i])} for i, m in enumerate(models)
+        }
         final, curves = [], 0
         for r in range(args.elo_orderings):  # Boubdir et al.: one order of the battles is one draw of many
-            history = elo_run(outcomes, np.random.default_rng([args.seed, r]).permutation(len(outcomes)), len(models),
-                              args.elo_k, args.elo_base)
+            history = elo_run(
+                outcomes,
+                np.random.default_rng([args.seed, r]).permutation(len(outcomes)),
+                len(models),
+                args.elo_k,
+                args.elo_base,
+            )
             final.append(history[-1])
             curves = curves + history / args.elo_orderings
         final = np.array(final)  # (orderings, models)
         low, high = interval(final, args.confidence)
-        ratings["elo"] = {m: {"rating": float(final[:, i].mean()), "lower": float(low[i]), "upper": float(high[i])}
-                          for i, m in enumerate(models)}
+        ratings["elo"] = {
+            m: {"rating": float(final[:, i].mean()), "lower": float(low[i]), "upper": float(high[i])}
+            for i, m in enumerate(models)
+        }
     else:
         ratings = {"bradley_terry": {}, "elo": {}}
 
@@ -774,9 +963,17 @@ def report(args):
                 tally[0], tally[1] = tally[0] + score, tally[1] + 1
     categories = {c: {m: s / n for m, (s, n) in sorted(by.items())} for c, by in sorted(categories.items())}
 
-    result = {"battles": len(battles), "errors": len(battles) - len(judged), "pairs": pairs, **ratings,
-              "elo_k": args.elo_k, "elo_orderings": args.elo_orderings, "bootstrap": args.bootstrap,
-              "confidence": args.confidence, "categories": categories}
+    result = {
+        "battles": len(battles),
+        "errors": len(battles) - len(judged),
+        "pairs": pairs,
+        **ratings,
+        "elo_k": args.elo_k,
+        "elo_orderings": args.elo_orderings,
+        "bootstrap": args.bootstrap,
+        "confidence": args.confidence,
+        "categories": categories,
+    }
     write_json_atomically(args.json, obj=result)
     print_report(result)
     if args.plots:
@@ -789,16 +986,20 @@ def print_report(result):
     names = [f"{p['model']} vs {p['opponent']}" for p in result["pairs"]]
     width = max([4] + list(map(len, names)))
     print(f"{'pair':{width}s} {'win':>6} {'tie':>6} {'lose':>6} {'error':>6}   win - lose [{level}]")
-    for name, p in zip(names, result["pairs"]):
+    for name, p in zip(names, result["pairs"], strict=True):
         if "win_rate" not in p:
             print(f"{name:{width}s} {'':>6} {'':>6} {'':>6} {p['error']:>6}   (no judged battle)")
             continue
         wl = p["win_minus_lose"]
-        print(f"{name:{width}s} {p['win_rate']:6.3f} {p['tie_rate']:6.3f} {p['lose_rate']:6.3f} {p['error']:>6}   "
-              f"{wl['value']:+.3f} [{wl['lower']:+.3f}, {wl['upper']:+.3f}]   ({p['battles']} battles)")
+        print(
+            f"{name:{width}s} {p['win_rate']:6.3f} {p['tie_rate']:6.3f} {p['lose_rate']:6.3f} {p['error']:>6}   "
+            f"{wl['value']:+.3f} [{wl['lower']:+.3f}, {wl['upper']:+.3f}]   ({p['battles']} battles)"
+        )
     width = max([5] + list(map(len, result["bradley_terry"])))
-    print(f"\n{'model':{width}s} {'Bradley-Terry':>14} {'[' + level + ' bootstrap]':>20}   {'Elo':>7} "
-          f"{'[' + level + ' of orderings]':>22}")
+    print(
+        f"\n{'model':{width}s} {'Bradley-Terry':>14} {'[' + level + ' bootstrap]':>20}   {'Elo':>7} "
+        f"{'[' + level + ' of orderings]':>22}"
+    )
     for m in sorted(result["bradley_terry"], key=lambda m: -result["bradley_terry"][m]["rating"]):
         bt, elo = result["bradley_terry"][m], result["elo"][m]
         spans = [f"[{r['lower']:.0f}, {r['upper']:.0f}]" for r in (bt, elo)]
@@ -807,18 +1008,24 @@ def print_report(result):
         models = sorted({m for by in result["categories"].values() for m in by})
         print("\ncomposite win rate by category (wins + ties / 2 over all its battles)")
         widths = [max(6, len(m)) for m in models]
-        print(f"{'category':24s}" + "".join(f"  {m:>{w}}" for m, w in zip(models, widths)))
+        print(f"{'category':24s}" + "".join(f"  {m:>{w}}" for m, w in zip(models, widths, strict=True)))
         for c, by in result["categories"].items():
-            print(f"{c[:24]:24s}" + "".join(f"  {by[m]:{w}.3f}" if m in by else f"  {'':>{w}}"
-                                            for m, w in zip(models, widths)))
+            print(
+                f"{c[:24]:24s}"
+                + "".join(
+                    f"  {by[m]:{w}.3f}" if m in by else f"  {'':>{w}}" for m, w in zip(models, widths, strict=True)
+                )
+            )
     print(f"\n{result['battles']} battles, {result['errors']} errors (left out of every figure)")
 
 
 def plot_report(result, elo_curves, models, folder):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+
     os.makedirs(folder, exist_ok=True)
     pairs = [p for p in result["pairs"] if "win_rate" in p]
     if pairs:  # Figures 2, 3: win / tie / lose bars, win - lose and its interval beside them
@@ -843,11 +1050,16 @@ def plot_report(result, elo_curves, models, folder):
         fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(models) + 1.5), sharey=True)
         order = sorted(models, key=lambda m: result["bradley_terry"][m]["rating"])
         titles = ("Bradley-Terry (bootstrap over prompts)", f"Elo, K={result['elo_k']:g} (spread of orderings)")
-        for ax, key, title in zip(axes, ("bradley_terry", "elo"), titles):
+        for ax, key, title in zip(axes, ("bradley_terry", "elo"), titles, strict=True):
             r = [result[key][m] for m in order]
             x = [v["rating"] for v in r]
-            ax.errorbar(x, range(len(order)), xerr=[[v["rating"] - v["lower"] for v in r],
-                                                    [v["upper"] - v["rating"] for v in r]], fmt="o", capsize=3)
+            ax.errorbar(
+                x,
+                range(len(order)),
+                xerr=[[v["rating"] - v["lower"] for v in r], [v["upper"] - v["rating"] for v in r]],
+                fmt="o",
+                capsize=3,
+            )
             ax.set_title(title, fontsize=9)
             ax.grid(axis="x", alpha=0.3)
         axes[0].set_yticks(range(len(order)), order, fontsize=8)
@@ -884,27 +1096,36 @@ class RewardModel:
 
     def __init__(self, name, trust_remote_code):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
         if name.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(name)):
             fail(f"--reward-model {name}: no such directory")
         self.device, dtype = device_and_dtype()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                name, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+            self.model = (
+                AutoModelForSequenceClassification.from_pretrained(
+                    name, dtype=dtype, trust_remote_code=trust_remote_code
+                )
+                .to(self.device)
+                .eval()
+            )
         except Exception as e:
-            fail(f"--reward-model {name}: cannot load it as a sequence-classification model "
-                 f"({str(e).splitlines()[0]})")
+            fail(f"--reward-model {name}: cannot load it as a sequence-classification model ({str(e).splitlines()[0]})")
         if not self.tokenizer.chat_template:
             fail(f"--reward-model {name}: its tokenizer has no chat template to write the conversation in")
         config = self.model.config
         # Pad with the id the model looks for to find each row's last token; set it when the model has none.
-        self.pad = next(p for p in (config.pad_token_id, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0)
-                        if p is not None)
+        self.pad = next(
+            p
+            for p in (config.pad_token_id, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0)
+            if p is not None
+        )
         config.pad_token_id = self.pad
 
     def tokens(self, messages, response):
-        text = self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
-                                                  tokenize=False)
+        text = self.tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": response}], tokenize=False
+        )
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes any BOS itself
 
     @torch.no_grad()
@@ -923,6 +1144,7 @@ class RewardModel:
 
 def reward(args):
     import numpy as np
+
     if args.batch_size < 1 or not 0 < args.confidence < 1:
         fail("--batch-size must be a positive integer and --confidence in (0, 1)")
     files = [read_responses(path) for path in args.responses]
@@ -934,7 +1156,7 @@ def reward(args):
             fail(f"--epochs must be comma-separated integers (got {args.epochs!r})")
         if len(epochs) != len(files):
             fail(f"--epochs names {len(epochs)} epochs for {len(files)} response files")
-    for path, responses in zip(args.responses[1:], files[1:]):
+    for path, responses in zip(args.responses[1:], files[1:], strict=True):
         if responses.keys() != files[0].keys():  # increments are per prompt: paired
             fail(f"{args.responses[0]} and {path} do not hold the same prompts")
     rm = RewardModel(args.reward_model, args.trust_remote_code)
@@ -948,29 +1170,52 @@ def reward(args):
                 values += rm.scores(batch)
                 bar.update(len(batch))
             if padding_gap is None and len(rows) > 1:  # a padded batch must score what one alone scores
-                alone = [rm.scores([r])[0] for r in rows[:args.batch_size]]
-                padding_gap = max(abs(x - y) for x, y in zip(alone, values))
+                alone = [rm.scores([r])[0] for r in rows[: args.batch_size]]
+                padding_gap = max(abs(x - y) for x, y in zip(alone, values, strict=False))
                 if padding_gap > 1e-3 * max(1.0, max(map(abs, alone))):
-                    fail(f"--reward-model {args.reward_model}: a padded batch scores up to {padding_gap:.4g} away "
-                         "from one response alone; its padding is not handled (use --batch-size 1)")
-            scores.append(dict(zip(ids, values)))
-    summary = [{"file": path, "model": next(iter(r.values()))["model"], "epoch": e, "n": len(s),
-                "mean": float(np.mean(list(s.values()))), "std": float(np.std(list(s.values()), ddof=1))
-                if len(s) > 1 else 0.0} for path, r, e, s in zip(args.responses, files, epochs, scores)]
+                    fail(
+                        f"--reward-model {args.reward_model}: a padded batch scores up to {padding_gap:.4g} away "
+                        "from one response alone; its padding is not handled (use --batch-size 1)"
+                    )
+            scores.append(dict(zip(ids, values, strict=True)))
+    summary = [
+        {
+            "file": path,
+            "model": next(iter(r.values()))["model"],
+            "epoch": e,
+            "n": len(s),
+            "mean": float(np.mean(list(s.values()))),
+            "std": float(np.std(list(s.values()), ddof=1)) if len(s) > 1 else 0.0,
+        }
+        for path, r, e, s in zip(args.responses, files, epochs, scores, strict=True)
+    ]
     increments = []
     if len(files) > 1:  # Figure 6: mean per-prompt increment over epoch 0, in units of epoch 0's spread
         ids = list(scores[0])
         base = np.array([scores[0][i] for i in ids])
         spread = float(np.std(base, ddof=1)) if len(ids) > 1 else float("nan")
         z = statistics.NormalDist().inv_cdf(0.5 + args.confidence / 2)
-        for path, s, e, info in zip(args.responses, scores, epochs, summary):
+        for s, e, info in zip(scores, epochs, summary, strict=True):
             d = np.array([s[i] for i in ids]) - base
             half = z * float(np.std(d, ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-            increments.append({"epoch": e, "model": info["model"], "value": float(d.mean()) / spread,
-                               "lower": (float(d.mean()) - half) / spread, "upper": (float(d.mean()) + half) / spread})
-    result = {"reward_model": args.reward_model, "files": summary, "increments": increments,
-              "epoch0_std": summary[0]["std"], "padding_check": padding_gap, "confidence": args.confidence,
-              "scores": {path: s for path, s in zip(args.responses, scores)}}
+            increments.append(
+                {
+                    "epoch": e,
+                    "model": info["model"],
+                    "value": float(d.mean()) / spread,
+                    "lower": (float(d.mean()) - half) / spread,
+                    "upper": (float(d.mean()) + half) / spread,
+                }
+            )
+    result = {
+        "reward_model": args.reward_model,
+        "files": summary,
+        "increments": increments,
+        "epoch0_std": summary[0]["std"],
+        "padding_check": padding_gap,
+        "confidence": args.confidence,
+        "scores": dict(zip(args.responses, scores, strict=True)),
+    }
     write_json_atomically(args.json, obj=result)
     print(f"{'file':40s} {'epoch':>5} {'mean':>9} {'std':>8}" + ("   increment / std(epoch 0)" if increments else ""))
     for i, info in enumerate(summary):
@@ -981,22 +1226,34 @@ def reward(args):
         print(line)
     if args.plots and increments:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         os.makedirs(args.plots, exist_ok=True)
         fig, ax = plt.subplots(figsize=(6, 4))
         x, y = [i["epoch"] for i in increments], [i["value"] for i in increments]
-        ax.errorbar(x, y, yerr=[[v - i["lower"] for v, i in zip(y, increments)],
-                                [i["upper"] - v for v, i in zip(y, increments)]], fmt="o-", capsize=3)
+        ax.errorbar(
+            x,
+            y,
+            yerr=[
+                [v - i["lower"] for v, i in zip(y, increments, strict=True)],
+                [i["upper"] - v for v, i in zip(y, increments, strict=True)],
+            ],
+            fmt="o-",
+            capsize=3,
+        )
         ax.axhline(0, color="#888", lw=0.8)
         ax.set_xlabel("epoch")
         ax.set_ylabel("reward increment over epoch 0 / std")
-        ax.set_title(f"{os.path.basename(args.reward_model.rstrip('/'))} ({args.confidence:.0%} paired interval)",
-                     fontsize=9)
+        ax.set_title(
+            f"{os.path.basename(args.reward_model.rstrip('/'))} ({args.confidence:.0%} paired interval)", fontsize=9
+        )
         fig.savefig(os.path.join(args.plots, "reward.png"), dpi=120, bbox_inches="tight")
         plt.close(fig)
-    print(f"wrote {args.json}" + (f" and {os.path.join(args.plots, 'reward.png')}" if args.plots and increments
-                                  else ""))
+    print(
+        f"wrote {args.json}" + (f" and {os.path.join(args.plots, 'reward.png')}" if args.plots and increments else "")
+    )
 
 
 def main(argv=None):
@@ -1007,8 +1264,11 @@ def main(argv=None):
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(e.code)
     except KeyboardInterrupt:
-        print("evaluate.py: stopped by Ctrl-C; what was done is kept (generate: --out, judge: its cache): rerun "
-              "the same command to go on", file=sys.stderr)
+        print(
+            "evaluate.py: stopped by Ctrl-C; what was done is kept (generate: --out, judge: its cache): rerun "
+            "the same command to go on",
+            file=sys.stderr,
+        )
         sys.exit(130)
 
 

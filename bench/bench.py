@@ -1,4 +1,4 @@
-"""make bench: the figures of issue 4, side by side, on whatever machine runs it; also written to a JSON file.
+"""make bench: the performance figures, side by side, on whatever machine runs it; also written to a JSON file.
 
 1. sampling tokens/s of a ZeRO-3 policy on two CPU ranks, layer by layer vs gathered (bench/sample_speed.py);
 2. peak memory of log π_θ(y_t) + log π̂(y_t) + the loss and its backward at V = 128256, T = 1024, batch 1:
@@ -12,6 +12,7 @@
 
     python bench/bench.py --out out/bench          # writes out/bench/bench.json
 """
+
 import argparse
 import json
 import os
@@ -38,10 +39,21 @@ def tiny_gpt2(path, vocab, layers, width, positions):
     """A random GPT-2 saved in HF format (no dropout: log π_θ is the sampling distribution)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
+
     if not os.path.exists(os.path.join(path, "config.json")):
         torch.manual_seed(0)
-        config = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=width, n_layer=layers, n_head=4,
-                            resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, bos_token_id=1, eos_token_id=2)
+        config = GPT2Config(
+            vocab_size=vocab,
+            n_positions=positions,
+            n_embd=width,
+            n_layer=layers,
+            n_head=4,
+            resid_pdrop=0,
+            embd_pdrop=0,
+            attn_pdrop=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         GPT2LMHeadModel(config).save_pretrained(path)
     return path
 
@@ -55,8 +67,18 @@ def sampling(out):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     figures = os.path.join(out, "sampling.json")
-    command = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
-               str(port), os.path.join(HERE, "sample_speed.py"), model, figures, "4", "32"]
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(port),
+        os.path.join(HERE, "sample_speed.py"),
+        model,
+        figures,
+        "4",
+        "32",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=clean_env(), cwd=ROOT)
     if result.returncode != 0:
         sys.exit(f"bench: sample_speed.py failed\n{result.stdout[-2000:]}{result.stderr[-3000:]}")
@@ -70,6 +92,7 @@ def memory_one(variant, model_path, result_path):
     import torch
     import iqstar
     import reference
+
     torch.set_num_threads(2)
     model = iqstar.load_model(model_path, torch.float32).train()
     T, prompt = 1024, list(range(10, 26))
@@ -88,8 +111,16 @@ def memory_one(variant, model_path, result_path):
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     with open(result_path, "w") as f:
-        json.dump({"peak_bytes": peak - baseline, "baseline_bytes": baseline, "seconds": seconds,
-                   "loss": loss.item(), "credit_sum": credit.sum().item()}, f)
+        json.dump(
+            {
+                "peak_bytes": peak - baseline,
+                "baseline_bytes": baseline,
+                "seconds": seconds,
+                "loss": loss.item(),
+                "credit_sum": credit.sum().item(),
+            },
+            f,
+        )
 
 
 def memory(out):
@@ -98,8 +129,13 @@ def memory(out):
     figures = {}
     for variant in ("straightforward", "chunked"):
         path = os.path.join(out, f"memory-{variant}.json")
-        result = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-variant", variant, model, path],
-                                capture_output=True, text=True, env=clean_env(), cwd=ROOT)
+        result = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--memory-variant", variant, model, path],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            cwd=ROOT,
+        )
         if result.returncode != 0:
             sys.exit(f"bench: memory ({variant}) failed\n{result.stderr[-3000:]}")
         with open(path) as f:
@@ -112,6 +148,7 @@ def demo_epochs(out):
     reached. The config names stage 3: ds_config.json's "auto" runs one process without ZeRO, where nothing is
     gathered either way."""
     import demo
+
     figures, config = {}, json.load(open(os.path.join(ROOT, "ds_config.json")))
     config["zero_optimization"]["stage"] = 3
     os.makedirs(out, exist_ok=True)
@@ -120,30 +157,50 @@ def demo_epochs(out):
         json.dump(config, f)
     for mode in ("on", "off"):
         run_out = os.path.join(out, f"demo-gather-{mode}")
-        results = demo.run(run_out, alpha=1.4, seed=0, world_dir=os.path.join(out, "world"), quiet=True,
-                           flags=["--gather-for-generation", mode, "--ds-config", zero3])
+        results = demo.run(
+            run_out,
+            alpha=1.4,
+            seed=0,
+            world_dir=os.path.join(out, "world"),
+            quiet=True,
+            flags=["--gather-for-generation", mode, "--ds-config", zero3],
+        )
         with open(os.path.join(run_out, "alpha1.4-seed0", "metrics.jsonl")) as f:
             metrics = [json.loads(line) for line in f]
         mean = {k: sum(m[f"{k}_seconds"] for m in metrics) / len(metrics) for k in ("sample", "score", "train")}
-        figures[mode] = dict(mean, epoch=sum(mean.values()), epochs=len(metrics),
-                             adherence=results["after"]["adherence"], helpfulness=results["after"]["helpfulness"])
+        figures[mode] = dict(
+            mean,
+            epoch=sum(mean.values()),
+            epochs=len(metrics),
+            adherence=results["after"]["adherence"],
+            helpfulness=results["after"]["helpfulness"],
+        )
     return figures
 
 
 def memory_plan(out):
     """5. bench/plan.py's prediction by phase against what iqstar.py's run on SmolLM2 measures (target ±25 %)."""
     import memory as memory_check
+
     return memory_check.compare(os.path.join(out, "memory"), os.path.join(ROOT, "out", "smollm2"))
 
 
 def machine():
     import torch
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     with open("/proc/meminfo") as f:
         total = int(f.readline().split()[1]) * 1024
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(total / 2**30, 1), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(total / 2**30, 1),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 def main():
@@ -158,21 +215,28 @@ def main():
     started = time.time()
     sample, mem, epoch = sampling(args.out), memory(args.out), demo_epochs(args.out)
     import sampling_memory
+
     budget = sampling_memory.run(os.path.join(ROOT, "out", "smollm2"), args.out)
     plan_check = memory_plan(args.out)
-    gib = 2 ** 30
+    gib = 2**30
     figures = {
         "machine": machine(),
-        "sampling_tokens_per_s": {"layer_by_layer": sample["off"]["tokens_per_s"],
-                                  "gathered": sample["on"]["tokens_per_s"],
-                                  "ratio": sample["on"]["tokens_per_s"] / sample["off"]["tokens_per_s"],
-                                  "ranks": sample["ranks"], "model": "GPT-2, 8 layers, width 256, vocab 8192",
-                                  "prompts_per_rank": 4, "new_tokens": 32},
-        "logprob_peak_memory_gib": {"straightforward": mem["straightforward"]["peak_bytes"] / gib,
-                                    "chunked": mem["chunked"]["peak_bytes"] / gib,
-                                    "ratio": mem["chunked"]["peak_bytes"] / mem["straightforward"]["peak_bytes"],
-                                    "seconds": {k: v["seconds"] for k, v in mem.items()},
-                                    "loss": {k: v["loss"] for k, v in mem.items()}},
+        "sampling_tokens_per_s": {
+            "layer_by_layer": sample["off"]["tokens_per_s"],
+            "gathered": sample["on"]["tokens_per_s"],
+            "ratio": sample["on"]["tokens_per_s"] / sample["off"]["tokens_per_s"],
+            "ranks": sample["ranks"],
+            "model": "GPT-2, 8 layers, width 256, vocab 8192",
+            "prompts_per_rank": 4,
+            "new_tokens": 32,
+        },
+        "logprob_peak_memory_gib": {
+            "straightforward": mem["straightforward"]["peak_bytes"] / gib,
+            "chunked": mem["chunked"]["peak_bytes"] / gib,
+            "ratio": mem["chunked"]["peak_bytes"] / mem["straightforward"]["peak_bytes"],
+            "seconds": {k: v["seconds"] for k, v in mem.items()},
+            "loss": {k: v["loss"] for k, v in mem.items()},
+        },
         "demo_seconds_per_epoch": {"gathered": epoch["on"], "layer_by_layer": epoch["off"]},
         "sampling_within_kv_cache_tokens": budget,
         "memory_plan_vs_measured": plan_check,
@@ -180,25 +244,40 @@ def main():
     }
     s, m, d = figures["sampling_tokens_per_s"], figures["logprob_peak_memory_gib"], figures["demo_seconds_per_epoch"]
     host = figures["machine"]
-    print(f"\nmachine: {host['cpu']}, {host['cores']} cores, {host['memory_gib']} GiB, torch {host['torch']}, "
-          f"GPU: {host['gpu']}")
+    print(
+        f"\nmachine: {host['cpu']}, {host['cores']} cores, {host['memory_gib']} GiB, torch {host['torch']}, "
+        f"GPU: {host['gpu']}"
+    )
     print(f"{'':44s}{'before':>14s}{'after':>14s}{'after/before':>14s}")
-    print(f"{'sampling tokens/s, 2 ranks ZeRO-3':44s}{s['layer_by_layer']:>14.1f}{s['gathered']:>14.1f}"
-          f"{s['ratio']:>13.2f}×   (layer by layer -> gathered; target ≥ 5×)")
-    print(f"{'log-prob+estimator+loss peak GiB, V=128256':44s}{m['straightforward']:>14.3f}{m['chunked']:>14.3f}"
-          f"{m['ratio']:>13.2f}×   (straightforward -> chunked; T=1024, batch 1; target ≤ 0.5×)")
-    print(f"{'demo s/epoch, 1 process (sample+score+train)':44s}{d['layer_by_layer']['epoch']:>14.2f}"
-          f"{d['gathered']['epoch']:>14.2f}{d['gathered']['epoch'] / d['layer_by_layer']['epoch']:>13.2f}×   "
-          f"(sample {d['layer_by_layer']['sample']:.2f} -> {d['gathered']['sample']:.2f} s)")
-    print(f"{'demo adherence after training':44s}{d['layer_by_layer']['adherence']:>14.4f}"
-          f"{d['gathered']['adherence']:>14.4f}   (must match: same seed)")
-    b, a, mib = budget["before"], budget["after"], 2 ** 20
-    print(f"{'SmolLM2 sampling tokens/s, long-prompt mix':44s}{b['tokens_per_s']:>14.1f}{a['tokens_per_s']:>14.1f}"
-          f"{budget['tokens_per_s_ratio']:>13.2f}×   (one call -> within --kv-cache-tokens {budget['kv_cache_tokens']};"
-          " target ≥ 1×)")
-    print(f"{'SmolLM2 sampling peak MiB above baseline':44s}{b['peak_bytes'] / mib:>14.1f}"
-          f"{a['peak_bytes'] / mib:>14.1f}{budget['peak_ratio']:>13.2f}×   (calls {b['calls']} -> {a['calls']})")
+    print(
+        f"{'sampling tokens/s, 2 ranks ZeRO-3':44s}{s['layer_by_layer']:>14.1f}{s['gathered']:>14.1f}"
+        f"{s['ratio']:>13.2f}×   (layer by layer -> gathered; target ≥ 5×)"
+    )
+    print(
+        f"{'log-prob+estimator+loss peak GiB, V=128256':44s}{m['straightforward']:>14.3f}{m['chunked']:>14.3f}"
+        f"{m['ratio']:>13.2f}×   (straightforward -> chunked; T=1024, batch 1; target ≤ 0.5×)"
+    )
+    print(
+        f"{'demo s/epoch, 1 process (sample+score+train)':44s}{d['layer_by_layer']['epoch']:>14.2f}"
+        f"{d['gathered']['epoch']:>14.2f}{d['gathered']['epoch'] / d['layer_by_layer']['epoch']:>13.2f}×   "
+        f"(sample {d['layer_by_layer']['sample']:.2f} -> {d['gathered']['sample']:.2f} s)"
+    )
+    print(
+        f"{'demo adherence after training':44s}{d['layer_by_layer']['adherence']:>14.4f}"
+        f"{d['gathered']['adherence']:>14.4f}   (must match: same seed)"
+    )
+    b, a, mib = budget["before"], budget["after"], 2**20
+    print(
+        f"{'SmolLM2 sampling tokens/s, long-prompt mix':44s}{b['tokens_per_s']:>14.1f}{a['tokens_per_s']:>14.1f}"
+        f"{budget['tokens_per_s_ratio']:>13.2f}×   (one call -> within --kv-cache-tokens {budget['kv_cache_tokens']};"
+        " target ≥ 1×)"
+    )
+    print(
+        f"{'SmolLM2 sampling peak MiB above baseline':44s}{b['peak_bytes'] / mib:>14.1f}"
+        f"{a['peak_bytes'] / mib:>14.1f}{budget['peak_ratio']:>13.2f}×   (calls {b['calls']} -> {a['calls']})"
+    )
     import memory as memory_check
+
     print(memory_check.report(plan_check))
     path = args.json or os.path.join(args.out, "bench.json")
     with open(path, "w") as f:

@@ -8,12 +8,14 @@ bench/phases.py marking the phases, and prints sample, score and train seconds, 
 memory (torch.cuda.max_memory_allocated, reset at each phase's start; on CPU, resident memory) beside
 bench/plan.py's prediction for the same flags.
 
-    python bench/gpu_check.py                          # on the device tool's GPU machine: make gpu-check
+    python bench/gpu_check.py                          # on a GPU machine: make gpu-check
     python bench/gpu_check.py --size tiny --max-new-tokens 64   # on CPU, in under a minute
 
 A pure sample from random weights seldom meets its EOS: the responses run to --max-new-tokens, the worst case.
 """
+
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -27,12 +29,33 @@ sys.path[:0] = [ROOT, HERE]
 
 # Llama shapes: TinyLlama-1.1B (Llama-2's architecture at 1.1 B, 4 KV heads), Llama-2-7B (Vicuna-7B's), a tiny one
 SIZES = {
-    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048),
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        max_position_embeddings=2048,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    ),
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
 }
 SPECIAL = ["<unk>", "<s>", "</s>"]
 
@@ -41,6 +64,7 @@ def fixed_words():
     """The special tokens and every word of iqstar's Vicuna v1.5 format (the model has no chat template)."""
     from tokenizers import pre_tokenizers
     import iqstar
+
     text = iqstar.VICUNA_SYSTEM + " USER: ASSISTANT:"
     return SPECIAL + sorted({w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)})
 
@@ -49,6 +73,7 @@ def build_tokenizer(path, vocab_size):
     """A word-level tokenizer of exactly vocab_size tokens: fixed_words(), then w0, w1, ... for the prompts."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
+
     fixed = fixed_words()
     words = fixed + [f"w{i}" for i in range(vocab_size - len(fixed))]
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
@@ -62,10 +87,18 @@ def build_model(path, size, device):
     """A random-weight Llama of SIZES[size] saved in bf16 with its tokenizer; returns its config."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
     if os.path.isfile(os.path.join(path, "config.json")):
         return LlamaConfig.from_pretrained(path)
-    config = LlamaConfig(**SIZES[size], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         tie_word_embeddings=False, dtype="bfloat16")
+    config = LlamaConfig(
+        **SIZES[size],
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it will run: a 7B model in seconds on a GPU, minutes on CPU
         model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -86,7 +119,7 @@ def write_prompts(path, count, vocab_size, low=128, high=384, seed=0):
 
 def ds_config(path, offload, fused_adam):
     """ds_config.json as shipped, with torch's AdamW (DeepSpeed's FusedAdam would JIT-compile with nvcc first, a
-    minute or two of the device's time; the states it keeps are the same) and, for 7B on one GPU, the optimizer
+    minute or two of GPU time; the states it keeps are the same) and, for 7B on one GPU, the optimizer
     offloaded to CPU, which needs ZeRO: stage 3 on one rank too (ds_config.json's "auto" would give 0)."""
     with open(os.path.join(ROOT, "ds_config.json")) as f:
         config = json.load(f)
@@ -103,6 +136,7 @@ def longest_prompt(model, dataset, principle=None):
     """The longest prompt iqstar builds from the dataset, with the principle (what the plan's --prompt-tokens is)."""
     import iqstar
     from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(model)
     conversations, _ = iqstar.load_conversations(dataset)
     prompts, _ = iqstar.build_prompts(conversations, tokenizer, principle or iqstar.DEFAULT_PRINCIPLE, None)
@@ -124,6 +158,7 @@ def main(argv=None):
     import iqstar
     import phases
     import plan
+
     cuda = torch.cuda.is_available()
     samples = args.samples_per_epoch or {"1b": 42, "7b": 24, "tiny": 4}[args.size]
     os.makedirs(args.out, exist_ok=True)
@@ -133,9 +168,22 @@ def main(argv=None):
     dataset = os.path.join(args.out, "prompts.jsonl")
     write_prompts(dataset, max(samples, 8), config.vocab_size)
     built = time.time() - started
-    flags = ["--dtype", "bf16", "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
-             "--epochs", str(args.epochs), "--samples-per-epoch", str(samples), "--save-every", "0",
-             "--ds-config", ds_config(os.path.join(args.out, "ds_config.json"), args.size == "7b", args.fused_adam)]
+    flags = [
+        "--dtype",
+        "bf16",
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        str(args.epochs),
+        "--samples-per-epoch",
+        str(samples),
+        "--save-every",
+        "0",
+        "--ds-config",
+        ds_config(os.path.join(args.out, "ds_config.json"), args.size == "7b", args.fused_adam),
+    ]
     flags += extra
     run_dir = os.path.join(args.out, "run")
     argv = ["--model", model, "--dataset", dataset, "--output-dir", run_dir, "--overwrite"] + flags
@@ -148,18 +196,40 @@ def main(argv=None):
 
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 1000
     prompt_tokens = longest_prompt(model, dataset)
-    predicted = plan.plan(plan.parse_args(["--config", model, "--ranks", "1", "--gpu-gib", f"{gpu_gib:.1f}",
-                                           "--device", "gpu" if cuda else "cpu",
-                                           "--prompt-tokens", str(prompt_tokens)] + flags))
+    predicted = plan.plan(
+        plan.parse_args(
+            [
+                "--config",
+                model,
+                "--ranks",
+                "1",
+                "--gpu-gib",
+                f"{gpu_gib:.1f}",
+                "--device",
+                "gpu" if cuda else "cpu",
+                "--prompt-tokens",
+                str(prompt_tokens),
+            ]
+            + flags
+        )
+    )
     figures = {
-        "gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__, "deepspeed": __import__("deepspeed").__version__,
-        "python": platform.python_version(), "size": args.size, "parameters": predicted["parameters"],
-        "flags": flags, "prompt_tokens": prompt_tokens, "build_seconds": round(built, 1),
-        "epochs": epochs, "phase_seconds": measured.seconds,
+        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "torch": torch.__version__,
+        "transformers": importlib.metadata.version("transformers"),
+        "deepspeed": importlib.metadata.version("deepspeed"),
+        "python": platform.python_version(),
+        "size": args.size,
+        "parameters": predicted["parameters"],
+        "flags": flags,
+        "prompt_tokens": prompt_tokens,
+        "build_seconds": round(built, 1),
+        "epochs": epochs,
+        "phase_seconds": measured.seconds,
         "measured_gib": {k: v / 2**30 for k, v in measured.peaks.items()},
         "reserved_gib": {k: v / 2**30 for k, v in measured.reserved.items()},
-        "planned_gib": predicted["phases_gib"], "plan_total_gib": predicted["total_gib"],
+        "planned_gib": predicted["phases_gib"],
+        "plan_total_gib": predicted["total_gib"],
         "wall_seconds": round(time.time() - started, 1),
     }
     print(report(figures, meter.name))
@@ -171,24 +241,32 @@ def main(argv=None):
 
 def report(figures, what):
     where = figures["gpu"] or "CPU (no GPU: resident memory instead of GPU memory)"
-    lines = [f"\ngpu-check: {where}; torch {figures['torch']}, transformers {figures['transformers']}, DeepSpeed "
-             f"{figures['deepspeed']}; Llama {figures['size']} ({figures['parameters'] / 1e9:.2f} B parameters), "
-             f"bf16, prompts up to {figures['prompt_tokens']} tokens",
-             f"{'epoch':>6s}{'sample s':>10s}{'score s':>10s}{'train s':>10s}{'tokens':>9s}{'sample tok/s':>14s}"
-             f"{'train tok/s':>13s}"]
+    lines = [
+        f"\ngpu-check: {where}; torch {figures['torch']}, transformers {figures['transformers']}, DeepSpeed "
+        f"{figures['deepspeed']}; Llama {figures['size']} ({figures['parameters'] / 1e9:.2f} B parameters), "
+        f"bf16, prompts up to {figures['prompt_tokens']} tokens",
+        f"{'epoch':>6s}{'sample s':>10s}{'score s':>10s}{'train s':>10s}{'tokens':>9s}{'sample tok/s':>14s}"
+        f"{'train tok/s':>13s}",
+    ]
     for e in figures["epochs"]:
         tokens = e["response_tokens"]
-        lines.append(f"{e['epoch']:>6d}{e['sample_seconds']:>10.1f}{e['score_seconds']:>10.1f}"
-                     f"{e['train_seconds']:>10.1f}{tokens:>9d}{tokens / max(e['sample_seconds'], 1e-9):>14.1f}"
-                     f"{tokens / max(e['train_seconds'], 1e-9):>13.1f}")
-    lines.append(f"{what} by phase, GiB: planned (bench/plan.py, 1 rank) / measured" +
-                 (" / reserved by the allocator" if figures["reserved_gib"] else ""))
+        lines.append(
+            f"{e['epoch']:>6d}{e['sample_seconds']:>10.1f}{e['score_seconds']:>10.1f}"
+            f"{e['train_seconds']:>10.1f}{tokens:>9d}{tokens / max(e['sample_seconds'], 1e-9):>14.1f}"
+            f"{tokens / max(e['train_seconds'], 1e-9):>13.1f}"
+        )
+    lines.append(
+        f"{what} by phase, GiB: planned (bench/plan.py, 1 rank) / measured"
+        + (" / reserved by the allocator" if figures["reserved_gib"] else "")
+    )
     for phase, planned in figures["planned_gib"].items():
         if phase in figures["measured_gib"]:
             measured = figures["measured_gib"][phase]
             reserved = f" / {figures['reserved_gib'][phase]:.2f}" if phase in figures["reserved_gib"] else ""
             lines.append(f"  {phase:10s}{planned:8.2f} / {measured:.2f}{reserved}   ({measured / planned - 1:+.0%})")
-    lines.append(f"wall {figures['wall_seconds']:.0f} s (the model and prompts built in {figures['build_seconds']:.0f} s)")
+    lines.append(
+        f"wall {figures['wall_seconds']:.0f} s (the model and prompts built in {figures['build_seconds']:.0f} s)"
+    )
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""make bench-peer: iqstar against TRL's SDFTTrainer (TRL 1.16, experimental) on the same run, side by side (issue 17).
+"""make bench-peer: iqstar against TRL's SDFTTrainer (TRL 1.16, experimental) on the same run, side by side.
 
 The same budget (R rounds of S responses, micro-batch B, N new tokens, lr, the same thread count), on make demo-real's
 principle and training prompts, each in a fresh process, one after the other:
@@ -12,6 +12,7 @@ wall time by phase, max RSS (each run's own ru_maxrss), adherence and iqstar / S
     python bench/peer.py --rounds 1 --samples 16 --new-tokens 8 --held-out 3  # a check that it runs, a few minutes
     python bench/peer.py --ranks 2  # iqstar under `deepspeed --num_gpus 2`, SDFT under `accelerate launch`, on CPU
 """
+
 import argparse
 import importlib.metadata
 import importlib.util
@@ -43,8 +44,9 @@ def fail(message):
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", default=os.path.join(ROOT, "out", "smollm2"), help="HF model folder (make demo-real's)")
     p.add_argument("--out", default=os.path.join(ROOT, "out", "bench", "peer"), help="logs, models, peer.json")
     p.add_argument("--rounds", type=int, default=6, help="R: iqstar's epochs, SDFT's generation rounds")
@@ -54,8 +56,9 @@ def parse_args():
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--alpha", type=float, default=1.4, help="iqstar's α")
     p.add_argument("--threads", type=int, default=2, help="torch threads, over all ranks")
-    p.add_argument("--ranks", type=int, default=1, help="processes a run: 2 launches iqstar with deepspeed, SDFT "
-                   "with accelerate")
+    p.add_argument(
+        "--ranks", type=int, default=1, help="processes a run: 2 launches iqstar with deepspeed, SDFT with accelerate"
+    )
     p.add_argument("--held-out", type=int, help="measure adherence on the first K held-out prompts only (all: 24)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -63,8 +66,10 @@ def parse_args():
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} must be a positive integer (got {getattr(args, flag)})")
     if args.samples % (args.batch_size * args.ranks):
-        fail(f"--samples {args.samples} must be a multiple of --batch-size × --ranks ({args.batch_size * args.ranks}): "
-             "SDFT splits a round's generate() into whole micro-batches on every rank")
+        fail(
+            f"--samples {args.samples} must be a multiple of --batch-size × --ranks ({args.batch_size * args.ranks}): "
+            "SDFT splits a round's generate() into whole micro-batches on every rank"
+        )
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         fail(f"--model {args.model}: no HF model there (make demo-real converts SmolLM2 into out/smollm2)")
     if importlib.util.find_spec("trl") is None:
@@ -74,8 +79,9 @@ def parse_args():
 
 def machine(args):
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    versions = {name: importlib.metadata.version(name) for name in ("torch", "transformers", "trl", "deepspeed",
-                                                                    "accelerate")}
+    versions = {
+        name: importlib.metadata.version(name) for name in ("torch", "transformers", "trl", "deepspeed", "accelerate")
+    }
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "ranks": args.ranks, **versions}
 
 
@@ -87,11 +93,18 @@ def free_port():
 
 def launch(name, command, args, threads):
     """Run one timed child, its stdout and stderr to OUT/name.log: wall seconds, its max RSS (GB), exit status."""
-    env = dict(clean_env(), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
-               HF_HUB_DISABLE_TELEMETRY="1", TRL_EXPERIMENTAL_SILENCE="1")
+    env = dict(
+        clean_env(),
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        HF_HUB_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        TRL_EXPERIMENTAL_SILENCE="1",
+    )
     # as the Makefile: DeepSpeed's CPU ops built once per venv, not in a shared cache a killed build can lock
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(sys.executable)),
-                                                        "torch_extensions"))
+    env.setdefault(
+        "TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(sys.executable)), "torch_extensions")
+    )
     log, load = os.path.join(args.out, f"{name}.log"), os.getloadavg()[0]
     print(f"{name}: running, log in {log}", flush=True)
     if load > 0.5:  # other work on the cores: a phase can take 10× as long (seen here: one generate() 2 s, then 30 s)
@@ -112,13 +125,44 @@ def launch(name, command, args, threads):
 
 def run_iqstar(args, dataset, threads):
     out = os.path.join(args.out, "iqstar")
-    flags = ["--model", args.model, "--dataset", dataset, "--principle", PRINCIPLE, "--output-dir", out,
-             "--epochs", args.rounds, "--samples-per-epoch", args.samples, "--batch-size", args.batch_size,
-             "--max-new-tokens", args.new_tokens, "--lr", args.lr, "--alpha", args.alpha, "--seed", args.seed,
-             "--save-every", 0, "--overwrite"]
-    launcher = [sys.executable] if args.ranks == 1 else [
-        os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(args.ranks),
-        "--master_port", str(free_port())]
+    flags = [
+        "--model",
+        args.model,
+        "--dataset",
+        dataset,
+        "--principle",
+        PRINCIPLE,
+        "--output-dir",
+        out,
+        "--epochs",
+        args.rounds,
+        "--samples-per-epoch",
+        args.samples,
+        "--batch-size",
+        args.batch_size,
+        "--max-new-tokens",
+        args.new_tokens,
+        "--lr",
+        args.lr,
+        "--alpha",
+        args.alpha,
+        "--seed",
+        args.seed,
+        "--save-every",
+        0,
+        "--overwrite",
+    ]
+    launcher = (
+        [sys.executable]
+        if args.ranks == 1
+        else [
+            os.path.join(os.path.dirname(sys.executable), "deepspeed"),
+            "--num_gpus",
+            str(args.ranks),
+            "--master_port",
+            str(free_port()),
+        ]
+    )
     figures = launch("iqstar", launcher + [os.path.join(ROOT, "iqstar.py")] + list(map(str, flags)), args, threads)
     if "error" not in figures:  # its own phase timers, summed over the epochs
         epochs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -128,15 +172,52 @@ def run_iqstar(args, dataset, threads):
 
 def run_sdft(args, mode, prompts, threads):
     name, out = f"sdft-{mode}", os.path.join(args.out, f"sdft-{mode}")
-    script = [os.path.join(HERE, "sdft_run.py"), "--model", args.model, "--prompts", prompts, "--principle",
-              PRINCIPLE, "--mode", mode, "--out", out, "--samples", args.samples, "--batch-size", args.batch_size,
-              "--new-tokens", args.new_tokens, "--lr", args.lr, "--threads", threads, "--seed", args.seed]
+    script = [
+        os.path.join(HERE, "sdft_run.py"),
+        "--model",
+        args.model,
+        "--prompts",
+        prompts,
+        "--principle",
+        PRINCIPLE,
+        "--mode",
+        mode,
+        "--out",
+        out,
+        "--samples",
+        args.samples,
+        "--batch-size",
+        args.batch_size,
+        "--new-tokens",
+        args.new_tokens,
+        "--lr",
+        args.lr,
+        "--threads",
+        threads,
+        "--seed",
+        args.seed,
+    ]
     # Not `--cpu`: with it, accelerate starts ONE process unless mpirun is there. --multi_gpu goes through torchrun,
     # and without GPUs the config's use_cpu=True makes each rank a CPU one (accelerate's MULTI_CPU, over gloo).
-    launcher = [sys.executable] if args.ranks == 1 else [
-        os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes",
-        str(args.ranks), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port())]
+    launcher = (
+        [sys.executable]
+        if args.ranks == 1
+        else [
+            os.path.join(os.path.dirname(sys.executable), "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(args.ranks),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+        ]
+    )
     figures = launch(name, launcher + list(map(str, script)), args, threads)
     if "error" not in figures:
         figures.update(json.load(open(os.path.join(out, "phases.json"))))
@@ -151,18 +232,23 @@ def ratio(a, b):
 
 def print_table(results):
     runs, m = results["runs"], results["machine"]
-    print(f"\n{m['cpu']}, {m['cores']} cores, {m['threads']} threads, {m['ranks']} rank(s); torch {m['torch']}, "
-          f"trl {m['trl']}; {results['budget']}")
+    print(
+        f"\n{m['cpu']}, {m['cores']} cores, {m['threads']} threads, {m['ranks']} rank(s); torch {m['torch']}, "
+        f"trl {m['trl']}; {results['budget']}"
+    )
     columns = ["iqstar", "SDFT sampled_token", "SDFT topk_logits", "iqstar/sampled_token", "iqstar/topk_logits"]
     print(f"{'':26s}" + "".join(f"{c:>22s}" for c in columns))
     rss = "max RSS (GB)" if m["ranks"] == 1 else "max RSS (GB, a rank)"
-    rows = [(f"{k} (s)", k) for k in PHASES] + [(rss, "max_rss_gb"),
-                                                (f"adherence (before {results['before']['adherence']:.2f})",
-                                                 "adherence")]
+    rows = [(f"{k} (s)", k) for k in PHASES] + [
+        (rss, "max_rss_gb"),
+        (f"adherence (before {results['before']['adherence']:.2f})", "adherence"),
+    ]
     for label, key in rows:
         values = [runs[r].get(key) for r in RUNS]
-        cells = [f"{v:.2f}" if v is not None and key in ("adherence", "max_rss_gb") else f"{v:.1f}" if v is not None
-                 else "–" for v in values]
+        cells = [
+            f"{v:.2f}" if v is not None and key in ("adherence", "max_rss_gb") else f"{v:.1f}" if v is not None else "–"
+            for v in values
+        ]
         cells += [f"{x:.2f}×" if x is not None else "–" for x in (ratio(values[0], v) for v in values[1:])]
         print(f"{label:26s}" + "".join(f"{c:>22s}" for c in cells))
     for r in RUNS:
@@ -175,13 +261,19 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     threads = max(1, args.threads // args.ranks)  # per process: the ranks share the cores
     train = [p for kind, prompts in real.PROMPTS.items() if kind not in real.HELD_OUT for p in prompts]
-    held_out = [p for kind in real.HELD_OUT for p in real.PROMPTS[kind]][:args.held_out]
+    held_out = [p for kind in real.HELD_OUT for p in real.PROMPTS[kind]][: args.held_out]
     dataset, prompts = os.path.join(args.out, "train.jsonl"), os.path.join(args.out, "sdft-prompts.json")
     with open(dataset, "w") as f:  # demo-real's training prompts, as it writes them
         f.writelines(json.dumps({"prompt": p}) + "\n" for p in train)
     with open(prompts, "w") as f:  # SDFT gets iqstar's draws, round by round, in order: the same prompts each round
-        json.dump([train[i] for r in range(1, args.rounds + 1)
-                   for i in iqstar.draw_prompts(len(train), args.samples, r, args.seed)], f)
+        json.dump(
+            [
+                train[i]
+                for r in range(1, args.rounds + 1)
+                for i in iqstar.draw_prompts(len(train), args.samples, r, args.seed)
+            ],
+            f,
+        )
 
     runs, models = {}, {}
     runs["iqstar"], models["iqstar"] = run_iqstar(args, dataset, threads)
@@ -205,11 +297,19 @@ def main():
             r.update(real.measure(models[name], held_out, 0.0, args.seed))
             print(f"{name}: adherence {r['adherence']:.3f}", flush=True)
 
-    results = {"machine": machine(args), "before": before, "runs": runs,
-               "budget": f"{args.rounds} rounds × {args.samples} samples, micro-batch {args.batch_size}, "
-                         f"{args.new_tokens} new tokens, lr {args.lr:g}, iqstar α {args.alpha:g}, CPU fp32",
-               "ratios": {f"iqstar/{r}": {k: ratio(runs["iqstar"].get(k), runs[r].get(k))
-                                          for k in PHASES + ("max_rss_gb", "adherence")} for r in RUNS[1:]}}
+    results = {
+        "machine": machine(args),
+        "before": before,
+        "runs": runs,
+        "budget": f"{args.rounds} rounds × {args.samples} samples, micro-batch {args.batch_size}, "
+        f"{args.new_tokens} new tokens, lr {args.lr:g}, iqstar α {args.alpha:g}, CPU fp32",
+        "ratios": {
+            f"iqstar/{r}": {
+                k: ratio(runs["iqstar"].get(k), runs[r].get(k)) for k in PHASES + ("max_rss_gb", "adherence")
+            }
+            for r in RUNS[1:]
+        },
+    }
     with open(os.path.join(args.out, "peer.json"), "w") as f:
         json.dump(results, f, indent=1)
     print_table(results)

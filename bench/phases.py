@@ -10,11 +10,13 @@ memory) and bench/gpu_check.py (GPU: torch.cuda's allocator), with one meter eac
         iqstar.main(argv)
     phases.peaks                        # {"loading": bytes above the baseline, "sampling": ..., ...}
 """
+
 import contextlib
 import functools
 import os
 import threading
 import time
+
 
 def status_bytes(field):
     """A field of /proc/self/status (VmRSS, VmHWM), in bytes."""
@@ -27,6 +29,7 @@ class RSSMeter:
     """Resident memory of this process. Two readings, the larger kept: the kernel's own high-water mark (VmHWM),
     reset at each phase mark through /proc/self/clear_refs, which misses nothing; and a thread sampling VmRSS every
     `interval` seconds, which still works where clear_refs is refused (it can miss a peak shorter than that)."""
+
     name = "peak RSS"
 
     def __init__(self, interval=0.002):
@@ -67,10 +70,12 @@ class RSSMeter:
 class CUDAMeter:
     """Bytes held by torch.cuda's allocator (max_memory_allocated, reset at each mark); reserved beside it, as what
     the allocator took from the GPU (allocated + its cache and fragmentation)."""
+
     name = "peak GPU memory allocated"
 
     def __init__(self):
         import torch
+
         self.cuda = torch.cuda
         self.reserved = {}
 
@@ -93,6 +98,7 @@ class Phases(contextlib.AbstractContextManager):
 
     def __init__(self, meter):
         import iqstar
+
         self.iqstar, self.meter = iqstar, meter
         self.phase, self.baseline, self.started = None, None, None
         self.peaks, self.seconds, self.reserved = {}, {}, {}
@@ -142,6 +148,7 @@ class Phases(contextlib.AbstractContextManager):
 
     def __enter__(self):
         import deepspeed.runtime.zero
+
         iq = self.iqstar
         self.wrap(iq, "load_model", "loading", once=True)
         # gathering the policy (all of it on every rank) is where sampling's memory starts
@@ -168,8 +175,14 @@ def child_env(env=None):
     """The environment of a measured child process: glibc malloc gives large freed blocks back to the OS
     (mmap above 64 KiB, two arenas), so that resident memory follows what is allocated rather than what malloc
     keeps cached; and no launcher variables, so that iqstar.py is a world of one."""
-    env = dict(os.environ if env is None else env, MALLOC_ARENA_MAX="2", MALLOC_MMAP_THRESHOLD_="65536",
-               MALLOC_TRIM_THRESHOLD_="65536", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ if env is None else env,
+        MALLOC_ARENA_MAX="2",
+        MALLOC_MMAP_THRESHOLD_="65536",
+        MALLOC_TRIM_THRESHOLD_="65536",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env

@@ -12,6 +12,7 @@ PyTorch's meta device). Every other flag is iqstar.py's own (--batch-size, --max
 --prompt-tokens (the longest prompt, the principle included), --device (cpu: resident memory of a CPU run, the
 check bench/memory.py makes). docs/memory.md explains each part and what it was checked against.
 """
+
 import argparse
 import json
 import os
@@ -20,7 +21,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-GiB = 2 ** 30
+GiB = 2**30
 PHASES = ("loading", "sampling", "scoring", "training")
 CUDA_CONTEXT = 1 * GiB  # CUDA context, cuBLAS workspace, NCCL buffers: outside torch's allocator; an allowance
 
@@ -45,6 +46,7 @@ def parse_args(argv=None):
             fail(f"--{flag.replace('_', '-')} must be positive (got {getattr(own, flag)})")
     config_folder(own.config)  # before the slow imports
     import iqstar
+
     args = iqstar.parse_args(rest + ["--model", own.config])
     for key, value in vars(own).items():
         setattr(args, key, value)
@@ -55,7 +57,8 @@ def config_folder(path):
     """The folder of a model folder or of a config.json; one line and exit 2 when it is neither."""
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
     if not os.path.isfile(os.path.join(folder, "config.json")) or not (
-            os.path.isdir(path) or os.path.basename(path) == "config.json"):
+        os.path.isdir(path) or os.path.basename(path) == "config.json"
+    ):
         fail(f"--config {path}: no config.json there")
     return folder
 
@@ -63,6 +66,7 @@ def config_folder(path):
 def read_config(path):
     """The transformers config of a folder or a config.json; one line and exit 2 when it is neither."""
     from transformers import AutoConfig
+
     folder = config_folder(path)
     try:
         return AutoConfig.from_pretrained(folder)
@@ -76,6 +80,7 @@ def count_params(config):
     deduplicates by data_ptr, which is 0 for every meta tensor, so it cannot be used here.)"""
     import torch
     from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     sizes = [p.numel() for p in model.parameters()]
@@ -87,9 +92,15 @@ def shapes(config):
     hidden = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
-    return dict(layers=config.num_hidden_layers, hidden=hidden, heads=heads, head_dim=head_dim,
-                kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                intermediate=getattr(config, "intermediate_size", None) or 4 * hidden, vocab=config.vocab_size)
+    return dict(
+        layers=config.num_hidden_layers,
+        hidden=hidden,
+        heads=heads,
+        head_dim=head_dim,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        intermediate=getattr(config, "intermediate_size", None) or 4 * hidden,
+        vocab=config.vocab_size,
+    )
 
 
 def kv_bytes_per_token(s, b):
@@ -120,9 +131,16 @@ def zero3_states(total, largest, ranks, b, offload_optimizer):
     a census of the engine's tensors on CPU: three fp32 copies, and AdamW's two moments after the first step), so
     fp32 counts 2 + 2 bytes more per parameter and 8 × the largest layer."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=ranks, num_nodes=1,
-                                                        cpu_offload=offload_optimizer, cpu_offload_params=False,
-                                                        zero_init=True)
+
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+        total,
+        largest,
+        num_gpus_per_node=ranks,
+        num_nodes=1,
+        cpu_offload=offload_optimizer,
+        cpu_offload_params=False,
+        zero_init=True,
+    )
     if b == 4:
         gpu += (2 if offload_optimizer else 4) * total // ranks + 4 * largest
     return gpu, cpu
@@ -141,13 +159,17 @@ def stage0_states(total, b, fused):
     them (4 + 4 B; unfused: a float32 gradient each and, on a GPU, foreach AdamW's square roots)."""
     if b == 4:
         return {"loading": 4 * total, "sampling": 12 * total, "scoring": 12 * total, "training": 16 * total}, 0, 0
-    return ({"loading": 14 * total, "sampling": 14 * total, "scoring": 14 * total, "training": 16 * total},
-            (4 if fused else 6) * total, 8 * total)
+    return (
+        {"loading": 14 * total, "sampling": 14 * total, "scoring": 14 * total, "training": 16 * total},
+        (4 if fused else 6) * total,
+        8 * total,
+    )
 
 
 def plan(args):
     """The plan as a dict: parts (bytes by phase), phases (totals), peak, fits. Sizes in GiB in the _gib keys."""
     import iqstar
+
     config = read_config(args.config)
     total, largest, sizes = count_params(config)
     s = shapes(config)
@@ -160,7 +182,7 @@ def plan(args):
     T = P + R  # a micro-batch is padded to its longest prompt and response: planned at the longest of both
     stage = zero.get("stage", 3)
     if stage not in (0, 3, "auto"):
-        fail(f"--ds-config {args.ds_config}: iqstar.py expects ZeRO stage 3 or \"auto\" (got {stage!r})")
+        fail(f'--ds-config {args.ds_config}: iqstar.py expects ZeRO stage 3 or "auto" (got {stage!r})')
     zero3 = stage == 3 or stage == "auto" and N > 1  # iqstar's fill_ds_config: "auto" is 0 on one rank, else 3
     offload = zero3 and zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
     many = zero3 and N > 1  # one rank gathers nothing: DeepSpeed points a parameter at its own shard (NoGatherHandle)
@@ -178,14 +200,15 @@ def plan(args):
         init = 0
     else:
         states_cpu = None
-        policy, init, step = stage0_states(total, b, fused=not ds.get("optimizer", {}).get("params", {}).get(
-            "torch_adam", False))
+        policy, init, step = stage0_states(
+            total, b, fused=not ds.get("optimizer", {}).get("params", {}).get("torch_adam", False)
+        )
     frozen = frozen_models * shard * b
     # Loading: on a GPU a model arrives a parameter at a time; on CPU its checkpoint file is mapped and read whole
     # (but see `mapped` below).
-    file_bytes = total * {"float32": 4, "float16": 2, "bfloat16": 2}.get(str(getattr(config, "dtype", None) or
-                                                                             getattr(config, "torch_dtype", None)
-                                                                             ).replace("torch.", ""), 4)
+    file_bytes = total * {"float32": 4, "float16": 2, "bfloat16": 2}.get(
+        str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)).replace("torch.", ""), 4
+    )
     # Without ZeRO, deepspeed.initialize's zero step on the policy comes before the frozen models are loaded.
     loading_transient = max(file_bytes if args.device == "cpu" else largest * b, init - frozen)
     # On CPU a checkpoint in the run's dtype is memory-mapped, and in fp32 without ZeRO nothing reads it at loading
@@ -230,56 +253,96 @@ def plan(args):
     if zero3:
         step = (4 + (b if b < 4 else 0)) * min(total / N, zero.get("sub_group_size", 1e9)) if not offload else 0
     context = CUDA_CONTEXT if args.device == "gpu" else 0
+    plural = "s" if frozen_models > 1 else ""
 
     parts = {  # part: (label, {phase: bytes})
-        "policy_states": ("policy: ZeRO-3 shard, AdamW, gradients (DeepSpeed)" if zero3 else
-                          "policy: whole, AdamW, gradients (no ZeRO, stage 0)", policy),
+        "policy_states": (
+            "policy: ZeRO-3 shard, AdamW, gradients (DeepSpeed)"
+            if zero3
+            else "policy: whole, AdamW, gradients (no ZeRO, stage 0)",
+            policy,
+        ),
         "zero3_buffers": ("ZeRO-3 reduce bucket", dict.fromkeys(PHASES, bucket)),
-        "frozen_shards": (f"frozen model{'s' * (frozen_models > 1)}: " + (
-            f"ZeRO-3 shard{'s' * (frozen_models > 1)}" if zero3 else "whole"),
-                          dict(dict.fromkeys(PHASES, frozen), loading=0 if mapped else frozen)),
-        "loading": ("loading: DeepSpeed's init step, zero gradients" if loading_transient == init - frozen > 0
-                    else "loading: one model's weights in flight", {"loading": loading_transient}),
-        "gathered_policy": ("policy gathered for sampling" if args.gather_for_generation == "on"
-                            else "policy layers gathered per token", {"sampling": gathered_policy}),
+        "frozen_shards": (
+            f"frozen model{plural}: " + (f"ZeRO-3 shard{plural}" if zero3 else "whole"),
+            dict(dict.fromkeys(PHASES, frozen), loading=0 if mapped else frozen),
+        ),
+        "loading": (
+            "loading: DeepSpeed's init step, zero gradients"
+            if loading_transient == init - frozen and loading_transient > 0
+            else "loading: one model's weights in flight",
+            {"loading": loading_transient},
+        ),
+        "gathered_policy": (
+            "policy gathered for sampling"
+            if args.gather_for_generation == "on"
+            else "policy layers gathered per token",
+            {"sampling": gathered_policy},
+        ),
         "kv_cache": (f"KV cache: {rows} rows × {T} tokens", {"sampling": kv}),
         "generate": ("generate: prefill and logits", {"sampling": prefill}),
-        "gathered_layers": ("ZeRO-3 layers gathered in forward/backward",
-                            {"scoring": gathered_layers, "training": gathered_layers}),
+        "gathered_layers": (
+            "ZeRO-3 layers gathered in forward/backward",
+            {"scoring": gathered_layers, "training": gathered_layers},
+        ),
         "scoring_forward": (f"π_w/π_l forward: {score_rows} rows, hidden states", {"scoring": forward + hidden_kept}),
         "logit_chunks": ("logit chunks", {"scoring": score_chunks, "training": train_chunks}),
-        "activations": (f"activations: {B} × {T} tokens" + ", checkpointed" * args.gradient_checkpointing,
-                        {"training": activations}),
+        "activations": (
+            f"activations: {B} × {T} tokens" + (", checkpointed" if args.gradient_checkpointing else ""),
+            {"training": activations},
+        ),
         "cuda_context": ("CUDA context, NCCL (allowance)", dict.fromkeys(PHASES, context)),
     }
     phases = {phase: sum(p.get(phase, 0) for _, p in parts.values()) for phase in PHASES}
-    step_peak = sum(parts[k][1]["training"] for k in ("policy_states", "zero3_buffers", "frozen_shards",
-                                                       "cuda_context")) + step
+    step_peak = (
+        sum(parts[k][1]["training"] for k in ("policy_states", "zero3_buffers", "frozen_shards", "cuda_context")) + step
+    )
     if step_peak > phases["training"]:
         parts["activations"][1]["training"] = 0  # freed by then: the step is the peak
         parts["logit_chunks"][1]["training"] = 0
         parts["gathered_layers"][1]["training"] = 0
-    parts["optimizer_step"] = ("optimizer step: float32 gradient" + "s, flattened" * (not zero3),
-                               {"training": step if step_peak > phases["training"] else 0})
+    parts["optimizer_step"] = (
+        "optimizer step: float32 gradient" + "s, flattened" * (not zero3),
+        {"training": step if step_peak > phases["training"] else 0},
+    )
     phases = {phase: sum(p.get(phase, 0) for _, p in parts.values()) for phase in PHASES}
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]
     return {
-        "config": args.config, "model_type": config.model_type, "parameters": total, "largest_layer": largest,
-        "shapes": s, "ranks": N, "zero_stage": 3 if zero3 else 0, "dtype": dtype, "device": args.device,
+        "config": args.config,
+        "model_type": config.model_type,
+        "parameters": total,
+        "largest_layer": largest,
+        "shapes": s,
+        "ranks": N,
+        "zero_stage": 3 if zero3 else 0,
+        "dtype": dtype,
+        "device": args.device,
         "gpu_gib": args.gpu_gib,
-        "flags": {"batch_size": B, "prompt_tokens": P, "max_new_tokens": R, "kv_cache_tokens": args.kv_cache_tokens,
-                  "samples_per_epoch": args.samples_per_epoch,
-                  "gradient_checkpointing": args.gradient_checkpointing,
-                  "gather_for_generation": args.gather_for_generation, "aligned_model": bool(args.aligned_model),
-                  "offload_optimizer": offload},
-        "kv_bytes_per_token": kv_bytes_per_token(s, b), "generate_rows": rows, "generate_calls": len(calls),
+        "flags": {
+            "batch_size": B,
+            "prompt_tokens": P,
+            "max_new_tokens": R,
+            "kv_cache_tokens": args.kv_cache_tokens,
+            "samples_per_epoch": args.samples_per_epoch,
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "gather_for_generation": args.gather_for_generation,
+            "aligned_model": bool(args.aligned_model),
+            "offload_optimizer": offload,
+        },
+        "kv_bytes_per_token": kv_bytes_per_token(s, b),
+        "generate_rows": rows,
+        "generate_calls": len(calls),
         "activations_gib": {"without_checkpointing": without / GiB, "with_checkpointing": with_ckpt / GiB},
         "deepspeed_estimate_gib": {"gpu": states / GiB, "cpu": states_cpu / GiB} if zero3 else None,
-        "parts": {name: {"label": label, **{f"{ph}_gib": v / GiB for ph, v in by_phase.items()}}
-                  for name, (label, by_phase) in parts.items()},
+        "parts": {
+            name: {"label": label, **{f"{ph}_gib": v / GiB for ph, v in by_phase.items()}}
+            for name, (label, by_phase) in parts.items()
+        },
         "phases_gib": {phase: v / GiB for phase, v in phases.items()},
-        "peak_phase": peak_phase, "total_gib": peak / GiB, "fits": peak <= args.gpu_gib * GiB,
+        "peak_phase": peak_phase,
+        "total_gib": peak / GiB,
+        "fits": peak <= args.gpu_gib * GiB,
     }
 
 
@@ -287,24 +350,30 @@ def table(result):
     """The plan as the text plan.py prints."""
     f = result["flags"]
     name = os.path.basename(os.path.normpath(result["config"])).replace("config.json", "") or result["config"]
-    lines = [f"{name}: {result['parameters'] / 1e9:.2f} B parameters, {result['shapes']['layers']} layers, "
-             f"{result['ranks']} rank(s), ZeRO stage {result['zero_stage']}, {result['dtype']} on "
-             f"{result['device'].upper()}, --batch-size {f['batch_size']}, prompts of {f['prompt_tokens']} + "
-             f"{f['max_new_tokens']} new tokens, "
-             f"--kv-cache-tokens {f['kv_cache_tokens']} ({result['generate_calls']} generate call(s) of at most "
-             f"{result['generate_rows']} rows)",
-             f"{'per rank, GiB':54s}" + "".join(f"{p:>10s}" for p in PHASES)]
+    lines = [
+        f"{name}: {result['parameters'] / 1e9:.2f} B parameters, {result['shapes']['layers']} layers, "
+        f"{result['ranks']} rank(s), ZeRO stage {result['zero_stage']}, {result['dtype']} on "
+        f"{result['device'].upper()}, --batch-size {f['batch_size']}, prompts of {f['prompt_tokens']} + "
+        f"{f['max_new_tokens']} new tokens, "
+        f"--kv-cache-tokens {f['kv_cache_tokens']} ({result['generate_calls']} generate call(s) of at most "
+        f"{result['generate_rows']} rows)",
+        f"{'per rank, GiB':54s}" + "".join(f"{p:>10s}" for p in PHASES),
+    ]
     for part in result["parts"].values():
         cells = [part.get(f"{p}_gib") for p in PHASES]
         if any(cells):
             lines.append(f"  {part['label']:52s}" + "".join(f"{c:10.2f}" if c else f"{'':10s}" for c in cells))
     lines.append(f"  {'total':52s}" + "".join(f"{result['phases_gib'][p]:10.2f}" for p in PHASES))
     a = result["activations_gib"]
-    lines.append(f"activations of a micro-batch: {a['without_checkpointing']:.2f} GiB without "
-                 f"--gradient-checkpointing, {a['with_checkpointing']:.2f} with it")
+    lines.append(
+        f"activations of a micro-batch: {a['without_checkpointing']:.2f} GiB without "
+        f"--gradient-checkpointing, {a['with_checkpointing']:.2f} with it"
+    )
     free = result["gpu_gib"] - result["total_gib"]
-    lines.append(f"peak: {result['total_gib']:.2f} GiB ({result['peak_phase']}) of {result['gpu_gib']:g} GiB: "
-                 + (f"fits, {free:.1f} GiB to spare" if result["fits"] else f"does NOT fit, {-free:.1f} GiB over"))
+    lines.append(
+        f"peak: {result['total_gib']:.2f} GiB ({result['peak_phase']}) of {result['gpu_gib']:g} GiB: "
+        + (f"fits, {free:.1f} GiB to spare" if result["fits"] else f"does NOT fit, {-free:.1f} GiB over")
+    )
     return "\n".join(lines)
 
 
@@ -312,11 +381,14 @@ def table(result):
 # calls; checkpointing recomputes each layer in backward (about a third more training time); offloading AdamW to
 # CPU slows each step and needs DeepSpeed's CPU estimate in host memory; sampling with the policy sharded is many
 # times slower (README, Performance).
-REMEDIES = [["--kv-cache-tokens", "16384"], ["--kv-cache-tokens", "8192"],
-            ["--kv-cache-tokens", "8192", "--gradient-checkpointing"],
-            ["--kv-cache-tokens", "8192", "--gradient-checkpointing", "OFFLOAD"],
-            ["--kv-cache-tokens", "4096", "--gradient-checkpointing", "OFFLOAD"],
-            ["--kv-cache-tokens", "8192", "--gradient-checkpointing", "OFFLOAD", "--gather-for-generation", "off"]]
+REMEDIES = [
+    ["--kv-cache-tokens", "16384"],
+    ["--kv-cache-tokens", "8192"],
+    ["--kv-cache-tokens", "8192", "--gradient-checkpointing"],
+    ["--kv-cache-tokens", "8192", "--gradient-checkpointing", "OFFLOAD"],
+    ["--kv-cache-tokens", "4096", "--gradient-checkpointing", "OFFLOAD"],
+    ["--kv-cache-tokens", "8192", "--gradient-checkpointing", "OFFLOAD", "--gather-for-generation", "off"],
+]
 OFFLOAD = "ds_config's offload_optimizer on CPU"
 HEADROOM = 0.9  # a remedy is chosen when the plan leaves a tenth of the GPU free (for what it does not model)
 
@@ -325,13 +397,16 @@ def readme():
     """The README's table: Vicuna-7B and -13B on 8 GPUs of 80 and 40 GiB at the defaults, and the first remedy."""
     import tempfile
     import iqstar
+
     with open(iqstar.parse_args(["--model", "x"]).ds_config) as f:
         config = json.load(f)
     config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(config, f)
-    lines = ["| model | GPUs | peak at the defaults (phase) | fits | first change that fits (peak) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| model | GPUs | peak at the defaults (phase) | fits | first change that fits (peak) |",
+        "|---|---|---|---|---|",
+    ]
     for name in ("vicuna-7b-v1.5", "vicuna-13b-v1.5"):
         folder = os.path.join(HERE, "configs", name)
         for gib in (80, 40):
@@ -347,8 +422,10 @@ def readme():
                         label = " ".join(f"`{e}`" if e != "OFFLOAD" else OFFLOAD for e in remedy).replace("` `", " ")
                         change = f"{label} ({fixed['total_gib']:.1f} GiB, {fixed['peak_phase']})"
                         break
-            lines.append(f"| {name} | 8 × {gib} GiB | {base['total_gib']:.1f} GiB ({base['peak_phase']}) | "
-                         f"{'yes' if base['fits'] else 'no'} | {change} |")
+            lines.append(
+                f"| {name} | 8 × {gib} GiB | {base['total_gib']:.1f} GiB ({base['peak_phase']}) | "
+                f"{'yes' if base['fits'] else 'no'} | {change} |"
+            )
     os.unlink(f.name)
     return "\n".join(lines)
 
@@ -357,7 +434,8 @@ def main(argv=None):
     # the plan runs nothing on a device: DeepSpeed need not look for one (and print on stdout that it found none)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if (argv if argv is not None else sys.argv[1:]) == ["--readme"]:
-        return print(readme())
+        print(readme())
+        return
     args = parse_args(argv)
     result = plan(args)
     print(table(result))

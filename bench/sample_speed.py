@@ -4,6 +4,7 @@ Run by bench/bench.py under `deepspeed --num_gpus 2 bench/sample_speed.py MODEL 
 rank 0 writes the figures.
 Every response is forced to its full length (min_new_tokens), so both modes generate the same number of tokens.
 """
+
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ def main(model_path, out_path, prompts_per_rank=4, new_tokens=32, repeats=2):
     prompts_per_rank, new_tokens = int(prompts_per_rank), int(new_tokens)
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
+
     args = iqstar.parse_args(["--model", model_path])
     rank, world_size, device = iqstar.init_distributed()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # one share of the cores per rank, not all
@@ -36,14 +38,16 @@ def main(model_path, out_path, prompts_per_rank=4, new_tokens=32, repeats=2):
         torch.manual_seed(rank)
         gathered = mode == "on"
         with deepspeed.runtime.zero.unwrap_model_for_generation(engine) if gathered else torch.no_grad():
-            iqstar.sample_responses(engine.module, prompts[:1], policy.generation_config, device,
-                                    synced_gpus=False if gathered else None)  # warm-up
+            iqstar.sample_responses(
+                engine.module, prompts[:1], policy.generation_config, device, synced_gpus=False if gathered else None
+            )  # warm-up
             torch.distributed.barrier()
             start = time.perf_counter()
             tokens = 0
             for _ in range(repeats):
-                responses = iqstar.sample_responses(engine.module, prompts, policy.generation_config, device,
-                                                    synced_gpus=False if gathered else None)
+                responses = iqstar.sample_responses(
+                    engine.module, prompts, policy.generation_config, device, synced_gpus=False if gathered else None
+                )
                 tokens += sum(len(y) for y in responses)
             torch.distributed.barrier()
             seconds = time.perf_counter() - start

@@ -7,6 +7,7 @@ iqstar.format_prompt on every generation and every teacher forward. Writes OUT (
     python bench/sdft_run.py --model out/smollm2 --prompts PROMPTS.json --principle P --mode sampled_token --out OUT
     accelerate launch --cpu --num_processes 2 bench/sdft_run.py ...   # 2 ranks
 """
+
 import argparse
 import json
 import os
@@ -45,8 +46,9 @@ model_dir = os.path.abspath(args.model)  # the teacher is loaded again from the 
 tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left", truncation_side="left")
 # iqstar's prompts, by user text: π_θ's (the student's, also what it samples from) and π_w's (the teacher's)
 plain = {t: iqstar.format_prompt(tokenizer, [{"role": "user", "content": t}]) for t in set(texts)}
-principled = {tuple(plain[t]): iqstar.format_prompt(tokenizer, [{"role": "user", "content": t}], args.principle)
-              for t in plain}
+principled = {
+    tuple(plain[t]): iqstar.format_prompt(tokenizer, [{"role": "user", "content": t}], args.principle) for t in plain
+}
 
 
 def check(ok, what):
@@ -59,11 +61,16 @@ class PrincipleTeacher(DemonstrationTeacherContextBuilder):
     not SDFT's "{prompt}\\n\\n{privileged_context}" in the user turn. The rest is SDFT's build()."""
 
     def build(self, prompts, privileged_contexts, completion_ids, completion_mask):
-        ids = [torch.tensor(iqstar.format_prompt(tokenizer, m, c)) for m, c in zip(prompts, privileged_contexts)]
+        ids = [
+            torch.tensor(iqstar.format_prompt(tokenizer, m, c))
+            for m, c in zip(prompts, privileged_contexts, strict=True)
+        ]
         mask = pad([torch.ones_like(x) for x in ids], padding_value=0, padding_side="left")
         ids = pad(ids, padding_value=tokenizer.pad_token_id, padding_side="left")
-        return {"teacher_input_ids": torch.cat([ids.to(completion_ids.device), completion_ids], 1),
-                "teacher_attention_mask": torch.cat([mask.to(completion_mask.device), completion_mask], 1)}
+        return {
+            "teacher_input_ids": torch.cat([ids.to(completion_ids.device), completion_ids], 1),
+            "teacher_attention_mask": torch.cat([mask.to(completion_mask.device), completion_mask], 1),
+        }
 
 
 class TimedSDFT(SDFTTrainer):
@@ -98,9 +105,23 @@ class TimedSDFT(SDFTTrainer):
 
     def _compute_teacher_student_logits(self, model, teacher_model, inputs):
         # What the two forwards below are fed: the student prompt + completion, and the teacher's prompt + the same
-        for row in zip(*(inputs[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
-                                             "teacher_input_ids", "teacher_attention_mask"))):
-            prompt, completion, teacher = (ids[mask.bool()].tolist() for ids, mask in zip(row[::2], row[1::2]))
+        for row in zip(
+            *(
+                inputs[k]
+                for k in (
+                    "prompt_ids",
+                    "prompt_mask",
+                    "completion_ids",
+                    "completion_mask",
+                    "teacher_input_ids",
+                    "teacher_attention_mask",
+                )
+            ),
+            strict=True,
+        ):
+            prompt, completion, teacher = (
+                ids[mask.bool()].tolist() for ids, mask in zip(row[::2], row[1::2], strict=True)
+            )
             check(tuple(prompt) in principled, "the student's prompt")
             check(teacher == principled[tuple(prompt)] + completion, "the teacher's prompt")
             self.checked["teacher_rows"] += 1
@@ -123,20 +144,44 @@ class StepTimer(TrainerCallback):
 # The same run as iqstar.py's flags and ds_config.json: one response per prompt, one generate() of `samples` a round
 # split into micro-batches, AdamW at a constant lr (betas 0.9/0.999, eps 1e-8, no weight decay), gradients clipped to 1.
 config = SDFTConfig(
-    output_dir=args.out, seed=args.seed, use_cpu=True, bf16=False, gradient_checkpointing=False,
-    distillation_mode=args.mode, distillation_alpha=1.0 if args.mode == "sampled_token" else 0.5,
-    teacher_model_kind="base", num_generations=1, per_device_train_batch_size=args.batch_size,
-    steps_per_generation=args.samples // (args.batch_size * world_size), gradient_accumulation_steps=1,
-    max_steps=len(texts) // (args.batch_size * world_size), max_completion_length=args.new_tokens,
-    max_prompt_length=None, temperature=1.0, top_k=0, top_p=1.0, shuffle_dataset=False,  # the prompts come in order
-    learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
-    adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, save_strategy="no", report_to="none",
-    logging_strategy="no", dataloader_pin_memory=False)
+    output_dir=args.out,
+    seed=args.seed,
+    use_cpu=True,
+    bf16=False,
+    gradient_checkpointing=False,
+    distillation_mode=args.mode,
+    distillation_alpha=1.0 if args.mode == "sampled_token" else 0.5,
+    teacher_model_kind="base",
+    num_generations=1,
+    per_device_train_batch_size=args.batch_size,
+    steps_per_generation=args.samples // (args.batch_size * world_size),
+    gradient_accumulation_steps=1,
+    max_steps=len(texts) // (args.batch_size * world_size),
+    max_completion_length=args.new_tokens,
+    max_prompt_length=None,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    shuffle_dataset=False,  # the prompts come in order
+    learning_rate=args.lr,
+    lr_scheduler_type="constant",
+    warmup_steps=0,
+    weight_decay=0.0,
+    adam_beta1=0.9,
+    adam_beta2=0.999,
+    adam_epsilon=1e-8,
+    max_grad_norm=1.0,
+    save_strategy="no",
+    report_to="none",
+    logging_strategy="no",
+    dataloader_pin_memory=False,
+)
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 eos = iqstar.eos_token_ids(tokenizer, model.config)
 hub_config = iqstar.use_pure_sampling(model, args.new_tokens, eos, tokenizer.pad_token_id)  # as iqstar samples
-dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": t}], "privileged_context": args.principle}
-                             for t in texts])
+dataset = Dataset.from_list(
+    [{"prompt": [{"role": "user", "content": t}], "privileged_context": args.principle} for t in texts]
+)
 trainer = TimedSDFT(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
 trainer.add_callback(StepTimer(trainer.seconds))
 trainer.train()
@@ -145,15 +190,32 @@ trainer.save_model(args.out)
 if trainer.accelerator.is_main_process:
     s = trainer.seconds
     opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
-    settings = {"optimizer": type(opt).__name__, **{k: v for k, v in opt.defaults.items() if k in (
-                    "lr", "betas", "eps", "foreach", "fused")},  # weight decay: the Trainer sets it per group
-                "weight_decay": sorted({g["weight_decay"] for g in opt.param_groups}),
-                "lr_scheduler": type(trainer.lr_scheduler).__name__, "max_grad_norm": config.max_grad_norm,
-                "steps": trainer.state.global_step, "generation_batch_size": config.generation_batch_size,
-                "steps_per_generation": config.steps_per_generation, "world_size": world_size,
-                "importance_logps": config.gradient_accumulation_steps % config.steps_per_generation != 0,
-                "distillation_is_clip": config.distillation_is_clip, "distillation_topk": config.distillation_topk,
-                "torch_threads": torch.get_num_threads(), "dtype": str(model.dtype)}
-    json.dump({"sample": s["sample"], "score": s["score"], "train": s["step"] - s["sample"] - s["score"],
-               "checked": trainer.checked, "settings": settings}, open(os.path.join(args.out, "phases.json"), "w"),
-              indent=1)
+    settings = {
+        "optimizer": type(opt).__name__,
+        **{
+            k: v for k, v in opt.defaults.items() if k in ("lr", "betas", "eps", "foreach", "fused")
+        },  # weight decay: the Trainer sets it per group
+        "weight_decay": sorted({g["weight_decay"] for g in opt.param_groups}),
+        "lr_scheduler": type(trainer.lr_scheduler).__name__,
+        "max_grad_norm": config.max_grad_norm,
+        "steps": trainer.state.global_step,
+        "generation_batch_size": config.generation_batch_size,
+        "steps_per_generation": config.steps_per_generation,
+        "world_size": world_size,
+        "importance_logps": config.gradient_accumulation_steps % config.steps_per_generation != 0,
+        "distillation_is_clip": config.distillation_is_clip,
+        "distillation_topk": config.distillation_topk,
+        "torch_threads": torch.get_num_threads(),
+        "dtype": str(model.dtype),
+    }
+    json.dump(
+        {
+            "sample": s["sample"],
+            "score": s["score"],
+            "train": s["step"] - s["sample"] - s["score"],
+            "checked": trainer.checked,
+            "settings": settings,
+        },
+        open(os.path.join(args.out, "phases.json"), "w"),
+        indent=1,
+    )

@@ -10,6 +10,7 @@
     python demo/demo.py                      # α = 1.4, seed 0
     python demo/demo.py --alpha 1.0 --seed 2 # any α: each (α, seed) gets its own run folder
 """
+
 import argparse
 import json
 import os
@@ -21,13 +22,26 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 import world  # noqa: E402
 
 # iqstar.py's flags for the demo: tiny model, so a larger learning rate and fewer samples than the paper.
-IQSTAR_FLAGS = ["--lr", "5e-4", "--epochs", "6", "--samples-per-epoch", "48", "--max-new-tokens", "24",
-                "--batch-size", "8", "--snapshot-every", "1"]
+IQSTAR_FLAGS = [
+    "--lr",
+    "5e-4",
+    "--epochs",
+    "6",
+    "--samples-per-epoch",
+    "48",
+    "--max-new-tokens",
+    "24",
+    "--batch-size",
+    "8",
+    "--snapshot-every",
+    "1",
+]
 
 
 def measure(model_dir, tokenizer, prompts, **kwargs):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
+
     logging.disable_progress_bar()  # a loading bar per measured model would bury iqstar.py's lines
     refuse, comply = world.adherence(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, prompts, **kwargs)
     return {"adherence": refuse, "helpfulness": comply}
@@ -39,20 +53,41 @@ def run(out, alpha, seed, world_dir=None, quiet=False, flags=(), timeout=None):
     flags: more iqstar.py flags, after the demo's own (e.g. ["--gather-for-generation", "off"]);
     timeout: seconds iqstar.py may take (the tests', so that a hang fails instead of running on)."""
     from transformers import AutoTokenizer
+
     world_dir = world_dir or os.path.join(out, "world")
     world.build(world_dir)  # reused when already built
     train, held_out = world.split_prompts()
     prompts_file = os.path.join(world_dir, "train.jsonl")
     world.write_prompts(prompts_file, train)
     tokenizer = AutoTokenizer.from_pretrained(world_dir)
-    before = {"SFT, no principle": measure(world_dir, tokenizer, held_out),
-              "SFT + principle (π_w)": measure(world_dir, tokenizer, held_out, principle=world.PRINCIPLE),
-              f"π̂ at α={alpha}": measure(world_dir, tokenizer, held_out, alpha=alpha)}
+    before = {
+        "SFT, no principle": measure(world_dir, tokenizer, held_out),
+        "SFT + principle (π_w)": measure(world_dir, tokenizer, held_out, principle=world.PRINCIPLE),
+        f"π̂ at α={alpha}": measure(world_dir, tokenizer, held_out, alpha=alpha),
+    }
 
     run_dir = os.path.join(out, f"alpha{alpha}-seed{seed}")
-    command = [sys.executable, os.path.join(os.path.dirname(HERE), "iqstar.py"), "--model", world_dir,
-               "--dataset", prompts_file, "--principle", world.PRINCIPLE, "--alpha", str(alpha),
-               "--seed", str(seed), "--output-dir", run_dir, "--overwrite"] + IQSTAR_FLAGS + list(flags)
+    command = (
+        [
+            sys.executable,
+            os.path.join(os.path.dirname(HERE), "iqstar.py"),
+            "--model",
+            world_dir,
+            "--dataset",
+            prompts_file,
+            "--principle",
+            world.PRINCIPLE,
+            "--alpha",
+            str(alpha),
+            "--seed",
+            str(seed),
+            "--output-dir",
+            run_dir,
+            "--overwrite",
+        ]
+        + IQSTAR_FLAGS
+        + list(flags)
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     result = subprocess.run(command, env=env, stdout=subprocess.PIPE if quiet else None, text=True, timeout=timeout)
     if result.returncode != 0:
@@ -61,7 +96,8 @@ def run(out, alpha, seed, world_dir=None, quiet=False, flags=(), timeout=None):
     epochs = int(IQSTAR_FLAGS[IQSTAR_FLAGS.index("--epochs") + 1])
     curve = [before["SFT, no principle"]] + [
         measure(os.path.join(run_dir, f"epoch-{e}") if e < epochs else run_dir, tokenizer, held_out)
-        for e in range(1, epochs + 1)]
+        for e in range(1, epochs + 1)
+    ]
     results = {"alpha": alpha, "seed": seed, "before": before, "after": curve[-1], "curve": curve}
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -69,16 +105,19 @@ def run(out, alpha, seed, world_dir=None, quiet=False, flags=(), timeout=None):
     return results
 
 
-def plot(run_dir, curve, series=(("adherence", "P(refuse | unsafe)"), ("helpfulness", "P(comply | benign)")),
-         levels=()):
+def plot(
+    run_dir, curve, series=(("adherence", "P(refuse | unsafe)"), ("helpfulness", "P(comply | benign)")), levels=()
+):
     """plot.png: the training metrics by epoch; the held-out measures `series` (key, label) by epoch, and `levels`
     (label, value) as dashed lines."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return print("(pip install matplotlib for plot.png)")
+        print("(pip install matplotlib for plot.png)")
+        return
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -87,9 +126,9 @@ def plot(run_dir, curve, series=(("adherence", "P(refuse | unsafe)"), ("helpfuln
     left.plot(epochs, [m["credit"] for m in metrics], "s-", label="credit")
     left.set(xlabel="epoch", title="Inverse-Q* training metrics")
     left.legend()
-    for (key, label), marker in zip(series, "os^"):
+    for (key, label), marker in zip(series, "os^", strict=False):
         right.plot(range(len(curve)), [c[key] for c in curve], marker + "-", label=label)
-    for (label, value), color in zip(levels, ("gray", "black")):
+    for (label, value), color in zip(levels, ("gray", "black"), strict=False):
         right.axhline(value, linestyle="--", color=color, label=label)
     right.set(xlabel="epoch (0 = before)", ylim=(0, 1.02), title="held-out prompts, no principle in the prompt")
     right.legend(loc="lower right")

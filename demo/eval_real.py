@@ -15,6 +15,7 @@
     python demo/eval_real.py                          # after make demo-real: out/real/alpha1.4-seed0
     python demo/eval_real.py --run out/real/alpha1.0-seed0
 """
+
 import argparse
 import glob
 import importlib.util
@@ -64,9 +65,23 @@ def start_llama_server(gguf, log_path, port=0, ready_within=300):
     never comes up."""
     port = free_port(port)
     log = open(log_path, "w")
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", "smollm2", "--host",
-               "127.0.0.1", "--port", str(port), "--n_ctx", "4096",
-               "--n_threads", os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count() or 2)]  # as many as torch takes
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        gguf,
+        "--model_alias",
+        "smollm2",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "4096",
+        "--n_threads",
+        os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count() or 2),
+    ]  # as many as torch takes
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + ready_within
@@ -111,15 +126,26 @@ def main(run_dir, model_dir, out):
     os.makedirs(out, exist_ok=True)
     prompts = os.path.join(out, "prompts.jsonl")
     with open(prompts, "w") as f:
-        f.writelines(json.dumps({"prompt": p, "category": kind}) + "\n" for kind in real.HELD_OUT
-                     for p in real.PROMPTS[kind])
+        f.writelines(
+            json.dumps({"prompt": p, "category": kind}) + "\n" for kind in real.HELD_OUT for p in real.PROMPTS[kind]
+        )
 
     # 1. generate: greedy, as long as the demo lets an answer be (it does not keep to the principle past that)
     files = {key: os.path.join(out, f"{key}.jsonl") for key in NAMES}
     flags = ["--dataset", prompts, "--max-new-tokens", real.MAX_NEW_TOKENS, "--batch-size", 8]
     evaluate("generate", "--model", model_dir, "--out", files["sft"], "--name", NAMES["sft"], *flags)
-    evaluate("generate", "--model", model_dir, "--out", files["prompting"], "--name", NAMES["prompting"],
-             "--principle", real.PRINCIPLE, *flags)
+    evaluate(
+        "generate",
+        "--model",
+        model_dir,
+        "--out",
+        files["prompting"],
+        "--name",
+        NAMES["prompting"],
+        "--principle",
+        real.PRINCIPLE,
+        *flags,
+    )
     evaluate("generate", "--model", run_dir, "--out", files["ours"], "--name", NAMES["ours"], *flags)
 
     # 2. judge: SmolLM2 through llama.cpp's server, every pair both ways, forced to a verdict; one free-form
@@ -128,15 +154,41 @@ def main(run_dir, model_dir, out):
     try:
         forced = ["--max-tokens", 8, "--judge-extra-body", json.dumps(FORCED)]
         for a, b in PAIRS:
-            evaluate("judge", files[a], files[b], "--out", os.path.join(out, f"{a}-vs-{b}.jsonl"), "--both-orders",
-                     *judge, *forced)
+            evaluate(
+                "judge",
+                files[a],
+                files[b],
+                "--out",
+                os.path.join(out, f"{a}-vs-{b}.jsonl"),
+                "--both-orders",
+                *judge,
+                *forced,
+            )
             # the paper's protocol, one order drawn per prompt: its judgments are among those just cached, so this
             # asks nothing, and shows what position bias alone reads as
-            evaluate("judge", files[a], files[b], "--out", os.path.join(out, f"{a}-vs-{b}-one-order.jsonl"),
-                     "--cache", os.path.join(out, f"{a}-vs-{b}.cache.jsonl"), *judge, *forced)
+            evaluate(
+                "judge",
+                files[a],
+                files[b],
+                "--out",
+                os.path.join(out, f"{a}-vs-{b}-one-order.jsonl"),
+                "--cache",
+                os.path.join(out, f"{a}-vs-{b}.cache.jsonl"),
+                *judge,
+                *forced,
+            )
         a, b = FREE_PAIR
-        evaluate("judge", files[a], files[b], "--out", os.path.join(out, f"{a}-vs-{b}-free.jsonl"), "--both-orders",
-                 *judge, "--max-tokens", FREE_MAX_TOKENS)
+        evaluate(
+            "judge",
+            files[a],
+            files[b],
+            "--out",
+            os.path.join(out, f"{a}-vs-{b}-free.jsonl"),
+            "--both-orders",
+            *judge,
+            "--max-tokens",
+            FREE_MAX_TOKENS,
+        )
     finally:
         stop(process)
 
@@ -144,20 +196,32 @@ def main(run_dir, model_dir, out):
     battles = [os.path.join(out, f"{a}-vs-{b}.jsonl") for a, b in PAIRS]
     evaluate("report", *battles, "--json", os.path.join(out, "report.json"), "--plots", os.path.join(out, "plots"))
     print("\nthe same judgments, one order drawn per prompt (the paper's protocol, no --both-orders):", flush=True)
-    evaluate("report", *[b.replace(".jsonl", "-one-order.jsonl") for b in battles], "--json",
-             os.path.join(out, "report-one-order.json"), "--plots", os.path.join(out, "plots-one-order"))
+    evaluate(
+        "report",
+        *[b.replace(".jsonl", "-one-order.jsonl") for b in battles],
+        "--json",
+        os.path.join(out, "report-one-order.json"),
+        "--plots",
+        os.path.join(out, "plots-one-order"),
+    )
 
     # 4. the judge beside the principle score, and how consistent it is under swapping
-    print(f"\n{'greedy answers, 24 held-out prompts':40s} {'one short sentence':>18} {'ends by itself':>15} "
-          f"{'mean words':>11}")
+    print(
+        f"\n{'greedy answers, 24 held-out prompts':40s} {'one short sentence':>18} {'ends by itself':>15} "
+        f"{'mean words':>11}"
+    )
     scores = {}
     for key, name in NAMES.items():
         rows = read_jsonl(files[key])
         scores[key] = sum(real.keeps_to_principle(r["response"], r["ended"]) for r in rows) / len(rows)
-        print(f"  {name:38s} {scores[key]:18.3f} {sum(r['ended'] for r in rows) / len(rows):15.3f} "
-              f"{sum(len(r['response'].split()) for r in rows) / len(rows):11.1f}")
-    print(f"\n{'the 135M judge, both orders':60s} {'consistent':>10} {'says [[A]]':>11} {'no verdict':>11}   "
-          "one random order (the paper's): won, lost")
+        print(
+            f"  {name:38s} {scores[key]:18.3f} {sum(r['ended'] for r in rows) / len(rows):15.3f} "
+            f"{sum(len(r['response'].split()) for r in rows) / len(rows):11.1f}"
+        )
+    print(
+        f"\n{'the 135M judge, both orders':60s} {'consistent':>10} {'says [[A]]':>11} {'no verdict':>11}   "
+        "one random order (the paper's): won, lost"
+    )
     judge = {}
     for a, b, free in [(a, b, "") for a, b in PAIRS] + [(*FREE_PAIR, "-free")]:
         rows = read_jsonl(os.path.join(out, f"{a}-vs-{b}{free}.jsonl"))
@@ -168,12 +232,20 @@ def main(run_dir, model_dir, out):
         errors = sum(v["winner"] == "error" for v in verdicts)
         one = [r["winner"] for r in read_jsonl(os.path.join(out, f"{a}-vs-{b}-one-order.jsonl"))] if not free else []
         name = f"{a} vs {b}" + (", free-form" if free else ", forced")
-        judge[name] = {"consistent": consistent, "both_valid": len(valid), "said_A": said_a,
-                       "verdicts": len(verdicts), "errors": errors, "one_order_won": one.count("model_a"),
-                       "one_order_lost": one.count("model_b")}
-        print(f"  {NAMES[a] + ' vs ' + NAMES[b] + (' (free-form)' if free else ''):58s} "
-              f"{f'{consistent}/{len(valid)}':>10} {f'{said_a}/{len(verdicts) - errors}':>11} "
-              f"{f'{errors}/{len(verdicts)}':>11}   {one.count('model_a'):>5}, {one.count('model_b')}")
+        judge[name] = {
+            "consistent": consistent,
+            "both_valid": len(valid),
+            "said_A": said_a,
+            "verdicts": len(verdicts),
+            "errors": errors,
+            "one_order_won": one.count("model_a"),
+            "one_order_lost": one.count("model_b"),
+        }
+        print(
+            f"  {NAMES[a] + ' vs ' + NAMES[b] + (' (free-form)' if free else ''):58s} "
+            f"{f'{consistent}/{len(valid)}':>10} {f'{said_a}/{len(verdicts) - errors}':>11} "
+            f"{f'{errors}/{len(verdicts)}':>11}   {one.count('model_a'):>5}, {one.count('model_b')}"
+        )
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump({"principle_score": scores, "judge": judge, "seconds": round(time.time() - started)}, f, indent=1)
     print(f"{(time.time() - started) / 60:.1f} min; {out}: responses, battles, report.json, plots/, summary.json")

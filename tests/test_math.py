@@ -1,4 +1,5 @@
 """The estimator, the loss and the masks, against the paper's formulas written out naively."""
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -11,7 +12,7 @@ def test_superior_logprobs_is_the_normalised_geometric_mixture():
     logits_w, logits_l = torch.randn(2, 3, 5, 11), torch.randn(2, 3, 5, 11) * 3
     for alpha in (0.5, 1.4, 2.0):
         p_w, p_l = logits_w.softmax(-1), logits_l.softmax(-1)
-        naive = p_w ** alpha * p_l ** (1 - alpha)
+        naive = p_w**alpha * p_l ** (1 - alpha)
         naive = naive / naive.sum(-1, keepdim=True)  # softmax(α log π_w + (1−α) log π_l)
         got = superior_logprobs(logits_w, logits_l, alpha)
         torch.testing.assert_close(got.exp(), naive, rtol=1e-5, atol=1e-6)
@@ -71,10 +72,14 @@ def test_all_masked_batch_gives_zero_not_nan():
 
 def test_completion_mask_keeps_up_to_and_including_the_first_eos():
     eos, pad = 2, 0
-    ids = torch.tensor([[5, 6, eos, pad, pad],   # ended: EOS counts, padding does not
-                        [5, eos, 7, eos, 8],     # tokens after the first EOS never count
-                        [5, 6, 7, 8, 9],         # hit the length limit: every token counts
-                        [eos, pad, pad, pad, pad]])  # an immediate EOS is one decision
+    ids = torch.tensor(
+        [
+            [5, 6, eos, pad, pad],  # ended: EOS counts, padding does not
+            [5, eos, 7, eos, 8],  # tokens after the first EOS never count
+            [5, 6, 7, 8, 9],  # hit the length limit: every token counts
+            [eos, pad, pad, pad, pad],
+        ]
+    )  # an immediate EOS is one decision
     expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).bool()
     assert torch.equal(completion_mask(ids, [eos]), expected)
     assert torch.equal(completion_mask(ids, [eos, 9])[2], torch.tensor([1, 1, 1, 1, 1]).bool())
@@ -89,11 +94,11 @@ def test_left_padded_batch_gives_each_sample_its_own_values(tiny_model):
         logits, ids, mask = response_logits(model, prompts, responses, 0, "cpu")
         batched = token_logprobs(logits, ids)
         for i in range(2):
-            alone_logits, alone_ids, _ = response_logits(model, prompts[i:i + 1], responses[i:i + 1], 0, "cpu")
+            alone_logits, alone_ids, _ = response_logits(model, prompts[i : i + 1], responses[i : i + 1], 0, "cpu")
             alone = token_logprobs(alone_logits, alone_ids)[0]
             torch.testing.assert_close(batched[i][mask[i]], alone, rtol=1e-4, atol=1e-5)  # its last tokens
             assert mask[i].sum() == len(responses[i])
-            full = model(torch.tensor([prompts[i] + responses[i]])).logits[0, len(prompts[i]) - 1:-1]
+            full = model(torch.tensor([prompts[i] + responses[i]])).logits[0, len(prompts[i]) - 1 : -1]
             torch.testing.assert_close(alone, token_logprobs(full, torch.tensor(responses[i])), rtol=1e-4, atol=1e-5)
 
 

@@ -1,19 +1,32 @@
 """A tiny GPT-2 trained with iqstar's own functions, in plain PyTorch, converges to π̂ on a few fixed prompts."""
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import world
-from iqstar import (format_prompt, iqstar_loss, policy_logprobs, sample_responses, superior_logprobs,
-                    superior_targets, use_pure_sampling)
+from iqstar import (
+    format_prompt,
+    iqstar_loss,
+    policy_logprobs,
+    sample_responses,
+    superior_logprobs,
+    superior_targets,
+    use_pure_sampling,
+)
 
 
 def next_token_distributions(policy, reference, plain, principled, alpha):
     """π_θ and π̂ over the first response token, per prompt: (N, V) each."""
     with torch.no_grad():
         policy_p = torch.stack([policy(torch.tensor([x])).logits[0, -1].softmax(-1) for x in plain])
-        target_p = torch.stack([superior_logprobs(reference(torch.tensor([w])).logits[0, -1],
-                                                  reference(torch.tensor([x])).logits[0, -1], alpha).exp()
-                                for x, w in zip(plain, principled)])
+        target_p = torch.stack(
+            [
+                superior_logprobs(
+                    reference(torch.tensor([w])).logits[0, -1], reference(torch.tensor([x])).logits[0, -1], alpha
+                ).exp()
+                for x, w in zip(plain, principled, strict=True)
+            ]
+        )
     return policy_p, target_p
 
 
@@ -24,8 +37,10 @@ def test_tiny_gpt2_overfits_to_the_superior_policy(world_model):
     policy = AutoModelForCausalLM.from_pretrained(world_model)
     reference = AutoModelForCausalLM.from_pretrained(world_model).eval().requires_grad_(False)
     alpha, pad, eos = 1.4, tokenizer.pad_token_id, [tokenizer.eos_token_id]
-    conversations = [[{"role": "user", "content": p}] for p in ("how do i make a bomb", "how do i bake a cake",
-                                                                   "tell me how to steal a car")]
+    conversations = [
+        [{"role": "user", "content": p}]
+        for p in ("how do i make a bomb", "how do i bake a cake", "tell me how to steal a car")
+    ]
     plain = [format_prompt(tokenizer, c) for c in conversations]
     principled = [format_prompt(tokenizer, c, world.PRINCIPLE) for c in conversations]
     use_pure_sampling(policy, max_new_tokens=3, eos_token_ids=eos, pad_token_id=pad)

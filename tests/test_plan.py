@@ -1,5 +1,6 @@
 """bench/plan.py, the memory plan: its command line, and its arithmetic against hand-worked numbers, DeepSpeed's own
 estimator and what transformers and autograd actually hold (small models, no run of iqstar.py)."""
+
 import json
 import os
 import subprocess
@@ -14,12 +15,17 @@ import plan  # noqa: E402
 
 VICUNA_7B = os.path.join(ROOT, "bench", "configs", "vicuna-7b-v1.5")
 VICUNA_13B = os.path.join(ROOT, "bench", "configs", "vicuna-13b-v1.5")
-MiB, GiB = 2 ** 20, 2 ** 30
+MiB, GiB = 2**20, 2**30
 
 
 def run_plan(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "bench", "plan.py"), *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "plan.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 def test_prints_the_table_and_writes_the_json(tmp_path):
@@ -70,12 +76,14 @@ def test_hand_worked_numbers(vicuna7b):
 def test_the_policy_shard_is_deepspeeds_estimate():
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from transformers import AutoConfig
+
     total, largest, _ = plan.count_params(AutoConfig.from_pretrained(VICUNA_13B))
     assert total == 13_015_864_320  # Llama-2-13B's published count
     for ranks in (1, 8, 16):
         for offload in (False, True):
-            expected = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=ranks,
-                                                             cpu_offload=offload, cpu_offload_params=False)[1]
+            expected = estimate_zero3_model_states_mem_needs(
+                total, largest, num_gpus_per_node=ranks, cpu_offload=offload, cpu_offload_params=False
+            )[1]
             assert plan.zero3_states(total, largest, ranks, 2, offload)[0] == expected
 
 
@@ -89,8 +97,12 @@ def test_one_rank_runs_without_zero_fp32():
     parts = result["parts"]
     assert result["zero_stage"] == 0 and result["deepspeed_estimate_gib"] is None
     policy = {phase: parts["policy_states"][f"{phase}_gib"] * GiB for phase in plan.PHASES}
-    assert policy == {"loading": 4 * LLAMA_7B, "sampling": 12 * LLAMA_7B, "scoring": 12 * LLAMA_7B,
-                      "training": 16 * LLAMA_7B}
+    assert policy == {
+        "loading": 4 * LLAMA_7B,
+        "sampling": 12 * LLAMA_7B,
+        "scoring": 12 * LLAMA_7B,
+        "training": 16 * LLAMA_7B,
+    }
     assert parts["frozen_shards"]["training_gib"] * GiB == 4 * LLAMA_7B  # whole: nothing is sharded
     for name in ("zero3_buffers", "gathered_policy", "gathered_layers", "optimizer_step"):
         assert not any(v for k, v in parts[name].items() if k.endswith("_gib")), name
@@ -195,8 +207,9 @@ print(json.dumps(out))
 
 def test_stage0_bytes_are_what_deepspeed_holds():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    result = subprocess.run([sys.executable, "-c", CENSUS, ROOT], capture_output=True, text=True, cwd=ROOT,
-                            env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", CENSUS, ROOT], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert (figures["fp32"]["optimizer"], figures["bf16"]["optimizer"]) == ("FusedAdam", "FP16_Optimizer")
@@ -223,9 +236,17 @@ def test_the_flags_that_save_memory_save_it(vicuna7b):
 
 def tiny_llama(layers, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+    config = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+    )
     return config, LlamaForCausalLM(config).to(dtype)
 
 
@@ -237,6 +258,22 @@ def test_kv_cache_bytes_are_what_generate_keeps():
     assert held == 3 * 40 * plan.kv_bytes_per_token(plan.shapes(config), 4)
 
 
+def bytes_saved_for_backward(model):
+    """The bytes of the storages autograd saves in a forward of 2 left-padded rows of 64 tokens, parameters excluded."""
+    params, seen = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids, mask = torch.randint(0, 256, (2, 64)), torch.ones(2, 64, dtype=torch.long)
+    mask[0, :5] = 0  # left-padded, as iqstar's batches are
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    return sum(seen.values())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_activations_per_layer_are_what_autograd_saves(dtype):
     """The per-layer count against the storages autograd saves in a forward (parameters excluded): the difference
@@ -244,17 +281,7 @@ def test_activations_per_layer_are_what_autograd_saves(dtype):
     saved = {}
     for layers in (1, 3):
         config, model = tiny_llama(layers, dtype)
-        params, seen = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        ids, mask = torch.randint(0, 256, (2, 64)), torch.ones(2, 64, dtype=torch.long)
-        mask[0, :5] = 0  # left-padded, as iqstar's batches are
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
-        saved[layers] = sum(seen.values())
+        saved[layers] = bytes_saved_for_backward(model)
     per_token_layer = (saved[3] - saved[1]) / 2 / (2 * 64)
     b = 2 if dtype == torch.bfloat16 else 4
     assert plan.activation_bytes_per_token(plan.shapes(config), b) == pytest.approx(per_token_layer, rel=0.05)
@@ -267,9 +294,25 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--size", "tiny",
-                             "--max-new-tokens", "32", "--out", str(tmp_path / "work"), "--json", str(figures)],
-                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench", "gpu_check.py"),
+            "--size",
+            "tiny",
+            "--max-new-tokens",
+            "32",
+            "--out",
+            str(tmp_path / "work"),
+            "--json",
+            str(figures),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sample tok/s" in result.stdout and "planned (bench/plan.py, 1 rank) / measured" in result.stdout
     saved = json.loads(figures.read_text())

@@ -1,4 +1,5 @@
 """Runs that survive: resume, signals and divergence; and responses that are only EOS or never end."""
+
 import json
 import os
 import signal
@@ -22,12 +23,18 @@ def ok(result):
 
 def assert_same_run(out, reference):
     """The same weights, bit for bit, and the same metrics but for the seconds each phase took."""
-    ours, theirs = load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(reference, "model.safetensors"))
+    ours, theirs = (
+        load_file(os.path.join(out, "model.safetensors")),
+        load_file(os.path.join(reference, "model.safetensors")),
+    )
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
-    strip = lambda metrics: [{k: v for k, v in m.items() if k not in TIMES} for m in metrics]  # noqa: E731
-    assert strip(read_metrics(out)) == strip(read_metrics(reference))
+
+    def untimed(metrics):
+        return [{k: v for k, v in m.items() if k not in TIMES} for m in metrics]
+
+    assert untimed(read_metrics(out)) == untimed(read_metrics(reference))
 
 
 def checkpoint_of(out):
@@ -48,11 +55,16 @@ def test_two_epochs_then_resume_to_four_equal_four_straight_through_a_ctrl_c(wor
     out = str(out)
     ok(run_iqstar(world_args(world_model, out, 2) + ["--overwrite"]))
     assert checkpoint_of(out)["tag"] == "epoch-2" and len(read_metrics(out)) == 2
-    stopped = run_iqstar(world_args(world_model, out, 4) + ["--resume"], script=FAULTY,
-                         env={"IQSTAR_FAULTS": json.dumps({"signal_train": 5, "signal": "SIGINT"})})  # epoch 4, step 2
+    stopped = run_iqstar(
+        world_args(world_model, out, 4) + ["--resume"],
+        script=FAULTY,
+        env={"IQSTAR_FAULTS": json.dumps({"signal_train": 5, "signal": "SIGINT"})},
+    )  # epoch 4, step 2
     assert stopped.returncode == 128 + signal.SIGINT, stopped.stderr[-3000:]
-    assert stopped.stderr.strip().splitlines()[-1] == (f"iqstar.py: stopped by SIGINT in epoch 4; resume from "
-                                                       f"{out}/checkpoints/epoch-3: run the same command with --resume")
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        f"iqstar.py: stopped by SIGINT in epoch 4; resume from "
+        f"{out}/checkpoints/epoch-3: run the same command with --resume"
+    )
     assert checkpoint_of(out)["tag"] == "epoch-3" and len(read_metrics(out)) == 3
     half_saved = os.path.join(out, "checkpoints", "epoch-4")  # as a save killed halfway leaves it: latest.json
     os.makedirs(half_saved)  # names the one before, which is resumed from; the next save replaces this one
@@ -67,8 +79,9 @@ def test_a_signal_while_starting_leaves_no_lock_behind(world_model, tmp_path):
     """SIGTERM while a first start JIT-builds DeepSpeed's ops: one line, exit 143, and no lock file left to make
     every later start wait forever (as a killed build's did, once, to CI)."""
     extensions = tmp_path / "torch_extensions"  # empty: this start builds its ops there
-    command, env = iqstar_command(world_args(world_model, str(tmp_path / "run"), 1),
-                                  env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    command, env = iqstar_command(
+        world_args(world_model, str(tmp_path / "run"), 1), env={"TORCH_EXTENSIONS_DIR": str(extensions)}
+    )
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         while not list(extensions.glob("*/lock")):  # the lock exists while an op builds: minutes, on 2 cores
@@ -89,18 +102,23 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(world_model, tmp_
     changed the policy: epoch 1's checkpoint holds the SFT weights, bit for bit."""
     out = str(tmp_path / "run")
     faults = {"nan_grad": [1, 2], "nan_loss_from": 3}
-    stopped = run_iqstar(world_args(world_model, out, 2) + ["--max-skipped-steps", 4], script=FAULTY,
-                         env={"IQSTAR_FAULTS": json.dumps(faults)})
+    stopped = run_iqstar(
+        world_args(world_model, out, 2) + ["--max-skipped-steps", 4],
+        script=FAULTY,
+        env={"IQSTAR_FAULTS": json.dumps(faults)},
+    )
     assert stopped.returncode == 3, stopped.stderr[-3000:]
     assert stopped.stderr.strip().splitlines()[-1] == (
         "iqstar.py: stopped: 4 steps in a row had a non-finite loss or gradient, and none of them changed the policy "
-        f"(epoch 2). Lower --lr or check the data; resume from {out}/checkpoints/epoch-1 with --resume")
+        f"(epoch 2). Lower --lr or check the data; resume from {out}/checkpoints/epoch-1 with --resume"
+    )
     [m] = read_metrics(out)
     assert m["skipped_steps"] == 3 and (m["loss"], m["credit"], m["target_logp"]) == (0, 0, 0)
     assert "skipped_steps 3" in stopped.stdout
     # one process runs without ZeRO: DeepSpeed's checkpoint holds the module's state dict whole
-    weights = torch.load(os.path.join(out, "checkpoints", "epoch-1", "mp_rank_00_model_states.pt"),
-                         weights_only=False)["module"]
+    weights = torch.load(os.path.join(out, "checkpoints", "epoch-1", "mp_rank_00_model_states.pt"), weights_only=False)[
+        "module"
+    ]
     sft = AutoModelForCausalLM.from_pretrained(world_model).state_dict()
     assert weights.keys() <= sft.keys() and len(weights) > 10
     assert all(torch.equal(weights[k], sft[k]) for k in weights)
@@ -127,8 +145,26 @@ def test_responses_that_are_only_eos(tiny_model, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_bytes(b'{"prompt": "how do i bake a cake"}\n[1]\n{"prompt": "\xff"}\n{"prompt": "hi"}\n')
     out = str(tmp_path / "run")
-    result = ok(run_iqstar(["--model", model, "--dataset", data, "--epochs", 1, "--samples-per-epoch", 8,
-                            "--max-new-tokens", 5, "--batch-size", 4, "--output-dir", out]))
+    result = ok(
+        run_iqstar(
+            [
+                "--model",
+                model,
+                "--dataset",
+                data,
+                "--epochs",
+                1,
+                "--samples-per-epoch",
+                8,
+                "--max-new-tokens",
+                5,
+                "--batch-size",
+                4,
+                "--output-dir",
+                out,
+            ]
+        )
+    )
     assert f"--dataset {data}: skipped 2 of 4: 1 not a JSON object (line 2); 1 not UTF-8 text (line 3)" in result.stdout
     [m] = read_metrics(out)
     assert (m["mean_response_length"], m["eos_rate"], m["response_tokens"]) == (length, eos_rate, 8 * length)

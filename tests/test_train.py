@@ -1,4 +1,5 @@
 """The real script, end to end, on the demo world: one process, and two DeepSpeed ranks on CPU."""
+
 import json
 import os
 import re
@@ -13,8 +14,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import world
 from conftest import ROOT, iqstar_command, read_metrics, run_iqstar, world_args
 
-KEYS = {"epoch", "loss", "credit", "target_logp", "response_tokens", "mean_response_length", "eos_rate",
-        "skipped_steps", "sample_seconds", "score_seconds", "train_seconds"}
+KEYS = {
+    "epoch",
+    "loss",
+    "credit",
+    "target_logp",
+    "response_tokens",
+    "mean_response_length",
+    "eos_rate",
+    "skipped_steps",
+    "sample_seconds",
+    "score_seconds",
+    "train_seconds",
+}
 FAULTY = os.path.join(ROOT, "tests", "faulty.py")
 
 
@@ -22,8 +34,13 @@ def deepspeed_launcher(ranks):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(ranks),
-            "--master_port", str(port)]
+    return [
+        os.path.join(os.path.dirname(sys.executable), "deepspeed"),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(port),
+    ]
 
 
 def check_run(world_model, output_dir, epochs):
@@ -73,11 +90,13 @@ def test_the_script_ends_after_atexit_handlers_with_its_output_flushed_and_no_te
         "class Teardown:\n"
         "    def __del__(self, write=os.write):  # a module global: freed in the interpreter's teardown\n"
         "        write(2, b'the interpreter was torn down\\n')\n"
-        "marker = Teardown()\n")
+        "marker = Teardown()\n"
+    )
     command, env = iqstar_command(world_args(world_model, out, 1, samples=8))
     del env["PYTHONUNBUFFERED"]  # stdout to a pipe is block-buffered: os._exit would drop what was not flushed
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                            env=dict(env, PYTHONPATH=str(hooks)))
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(env, PYTHONPATH=str(hooks))
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.rstrip().endswith(f"saved the aligned policy to {out}")
     assert "an atexit handler ran" in result.stderr and "torn down" not in result.stderr, result.stderr[-2000:]
@@ -90,11 +109,17 @@ def test_two_ranks_a_signal_to_one_stops_both_and_they_resume(world_model, tmp_p
     lengths on the two ranks: generate() keeps them in step)."""
     out = str(tmp_path / "run")
     args = world_args(world_model, out, 3, samples=32) + ["--max-new-tokens", 24]  # 16 per rank: 2 steps an epoch
-    stopped = run_iqstar(args, launcher=deepspeed_launcher(2), script=FAULTY,
-                         env={"IQSTAR_FAULTS": json.dumps({"signal_train": 5, "rank": 1})})
+    stopped = run_iqstar(
+        args,
+        launcher=deepspeed_launcher(2),
+        script=FAULTY,
+        env={"IQSTAR_FAULTS": json.dumps({"signal_train": 5, "rank": 1})},
+    )
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-4000:]
-    assert f"iqstar.py: stopped by SIGTERM in epoch 3; resume from {out}/checkpoints/epoch-2: run the same " \
-        "command with --resume" in stopped.stderr, stopped.stderr[-4000:]
+    assert (
+        f"iqstar.py: stopped by SIGTERM in epoch 3; resume from {out}/checkpoints/epoch-2: run the same "
+        "command with --resume" in stopped.stderr
+    ), stopped.stderr[-4000:]
     assert len(read_metrics(out)) == 2 and not os.path.exists(os.path.join(out, "model.safetensors"))
     resumed = run_iqstar(args + ["--resume", "--gather-for-generation", "off"], launcher=deepspeed_launcher(2))
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]

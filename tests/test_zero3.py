@@ -1,4 +1,6 @@
-"""ZeRO-3 parity: sampling, frozen targets and one Inverse-Q* step under DeepSpeed (one process) and in plain PyTorch."""
+"""ZeRO-3 parity: sampling, frozen targets and one Inverse-Q* step under DeepSpeed (one process) and in plain
+PyTorch."""
+
 import os
 import subprocess
 import sys
@@ -22,12 +24,31 @@ def test_zero3_samples_scores_and_steps_as_plain_pytorch(world_model, tmp_path):
     responses = [[40, 41, 42, 2], [43, 44]]
     principled = [[3, 7] + p for p in prompts]
     targets = reference.superior_targets(sft, sft, principled, prompts, responses, 1.4, 0, "cpu")
-    torch.save({"prompts": prompts, "responses": responses, "targets": targets, "pad": 0, "lr": 1e-3,
-                "principled": principled}, tmp_path / "batch.pt")
+    torch.save(
+        {
+            "prompts": prompts,
+            "responses": responses,
+            "targets": targets,
+            "pad": 0,
+            "lr": 1e-3,
+            "principled": principled,
+        },
+        tmp_path / "batch.pt",
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "zero3_step.py"), world_model,
-                             str(tmp_path / "batch.pt"), str(tmp_path / "out.pt")],
-                            capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tests", "zero3_step.py"),
+            world_model,
+            str(tmp_path / "batch.pt"),
+            str(tmp_path / "out.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     zero3 = torch.load(tmp_path / "out.pt")
 
@@ -42,8 +63,13 @@ def test_zero3_samples_scores_and_steps_as_plain_pytorch(world_model, tmp_path):
     config = zero3["config"]
     params = config["optimizer"]["params"]
     policy = iqstar.load_model(world_model, torch.float32).train()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=params["lr"], betas=params["betas"], eps=params["eps"],
-                                  weight_decay=params["weight_decay"])
+    optimizer = torch.optim.AdamW(
+        policy.parameters(),
+        lr=params["lr"],
+        betas=params["betas"],
+        eps=params["eps"],
+        weight_decay=params["weight_decay"],
+    )
     policy_logps, mask = iqstar.policy_logprobs(policy, prompts, responses, 0, "cpu")
     loss = iqstar.iqstar_loss(policy_logps, targets, mask)
     loss.backward()

@@ -5,6 +5,7 @@ with the policy gathered (DeepSpeed's unwrap_model_for_generation) and layer by 
 the gathering gave the shards and ZeRO-3's hooks back; the targets of a frozen ZeRO-3 inference engine; and the
 loss and the weights after one training step.
 """
+
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ import iqstar  # noqa: E402
 def main(model_path, batch_path, out_path):
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
+
     batch = torch.load(batch_path)
     args = iqstar.parse_args(["--model", model_path, "--lr", str(batch["lr"]), "--batch-size", "2"])
     rank, world_size, device = iqstar.init_distributed()
@@ -39,14 +41,26 @@ def main(model_path, batch_path, out_path):
         torch.manual_seed(0)
         with deepspeed.runtime.zero.unwrap_model_for_generation(engine) if gather else torch.no_grad():
             report[f"whole_while_sampling_{gather}"] = all(p.numel() == p.ds_numel for p in engine.parameters())
-            report[f"tokens_{gather}"] = [iqstar.sample_responses(engine.module, batch["prompts"],
-                                                                  policy.generation_config, device,
-                                                                  False if gather else None) for _ in range(3)]
+            report[f"tokens_{gather}"] = [
+                iqstar.sample_responses(
+                    engine.module, batch["prompts"], policy.generation_config, device, False if gather else None
+                )
+                for _ in range(3)
+            ]
     report["partitioned_after"] = all(p.numel() == 0 for p in engine.parameters())
     report["hooks_after"] = [len(offload.forward_hooks), len(offload.backward_hooks)]
 
-    report["targets"] = iqstar.superior_targets(frozen, frozen, batch["principled"], batch["prompts"],
-                                                batch["responses"], 1.4, batch["pad"], device, chunk_elements=1)
+    report["targets"] = iqstar.superior_targets(
+        frozen,
+        frozen,
+        batch["principled"],
+        batch["prompts"],
+        batch["responses"],
+        1.4,
+        batch["pad"],
+        device,
+        chunk_elements=1,
+    )
     engine.train()
     policy_logps, mask = iqstar.policy_logprobs(engine, batch["prompts"], batch["responses"], batch["pad"], device)
     loss = iqstar.iqstar_loss(policy_logps, batch["targets"], mask)
