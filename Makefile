@@ -59,7 +59,7 @@ demo: install ## Inverse-Q* on the tiny built-in world, CPU, a few minutes (ALPH
 	$(BIN)/pip install -q -r requirements-demo.txt
 	$(BIN)/python demo/demo.py --out out/demo --alpha $(ALPHA) --seed $(SEED)
 
-demo-real: install $(SMOLLM2)/config.json ## Inverse-Q* on SmolLM2-135M-Instruct, CPU, about 12 minutes (ALPHA, SEED)
+demo-real: install $(SMOLLM2)/config.json ## Inverse-Q* on SmolLM2-135M-Instruct, CPU, about 5 minutes (ALPHA, SEED)
 	$(BIN)/pip install -q -r requirements-demo.txt
 	$(BIN)/python demo/real.py --out out/real --model-dir $(SMOLLM2) --alpha $(ALPHA) --seed $(SEED)
 
