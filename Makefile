@@ -81,12 +81,14 @@ bench-peer: $(VENV)/.peer $(SMOLLM2)/config.json ## iqstar beside TRL's SDFTTrai
 train: install ## the paper's Vicuna-7B run on one node, all its GPUs
 	$(BIN)/deepspeed iqstar.py --model lmsys/vicuna-7b-v1.5 --output-dir out/vicuna-7b-iqstar
 
-# The memory plan's GPU check: two epochs of iqstar.py in bf16 at the paper's lengths on a random 1.1B Llama, beside
-# bench/plan.py's prediction. Run it on the GPU machine, with that machine's python3 (torch with CUDA, transformers)
-# and DeepSpeed: pip install -r requirements.txt there, or, offline, the wheels of make gpu-wheels
-# (docs/memory.md gives the steps). make gpu-check OUT=dir also writes dir/gpu-check.json.
-gpu-check: ## on a GPU machine: two bf16 epochs beside the memory plan's prediction (OUT=dir: JSON too)
+# The memory plan's GPU check: two epochs of iqstar.py in bf16 at the paper's lengths on a random 1.1B Llama, then
+# with a LoRA adapter on a random Llama of Llama-2-7B's shape (needs 40 GB or more), each beside bench/plan.py's
+# prediction. Run it on the GPU machine, with that machine's python3 (torch with CUDA, transformers), DeepSpeed and
+# PEFT: pip install -r requirements.txt there, or, offline, the wheels of make gpu-wheels (docs/memory.md gives the
+# steps). make gpu-check OUT=dir also writes dir/gpu-check.json and dir/gpu-check-lora.json.
+gpu-check: ## on a GPU machine: bf16 epochs beside the memory plan (1.1B, then 7B with LoRA; OUT=dir: JSON too)
 	python3 bench/gpu_check.py --out /tmp/gpu-check $(if $(OUT),--json $(OUT)/gpu-check.json)
+	python3 bench/gpu_check.py --out /tmp/gpu-check --size 7b --lora-r 16 $(if $(OUT),--json $(OUT)/gpu-check-lora.json)
 
 # On a machine with pip access: DeepSpeed as a pure-Python wheel (its ops JIT-build where they run) and the
 # dependencies of it that a GPU machine with torch and transformers lacks, in .whl/, to copy to a GPU machine without
@@ -94,6 +96,7 @@ gpu-check: ## on a GPU machine: two bf16 epochs beside the memory plan's predict
 gpu-wheels: install ## on a machine with pip access: the wheels in .whl/ that make gpu-check needs offline
 	rm -rf $(WHEELS)
 	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w $(WHEELS) deepspeed==0.19.8
+	$(BIN)/pip download -q --no-deps -d $(WHEELS) peft==0.21.2
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(WHEELS) hjson==3.1.0 pydantic==2.14.4 \
 	    pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0

@@ -4,7 +4,6 @@ it (log π_l); the policy moves towards π̂ = softmax(α log π_w + (1−α) lo
 
 python iqstar.py --model path/or/hub-id --output-dir out  # one process, GPU (bf16) or CPU (fp32); every flag: --help
 deepspeed iqstar.py --model lmsys/vicuna-7b-v1.5 --output-dir out/vicuna  # 8 GPUs: the paper's run, its defaults
-deepspeed --hostfile hostfile iqstar.py --model lmsys/vicuna-7b-v1.5  # several nodes, one line per node in hostfile
 deepspeed iqstar.py --model HuggingFaceH4/mistral-7b-sft-beta --aligned-model HuggingFaceH4/zephyr-7b-beta  # π_w (§5.3)
 """
 
@@ -29,6 +28,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.integrations.deepspeed import HfDeepSpeedConfig, set_hf_deepspeed_config, unset_hf_deepspeed_config
 
 DEFAULT_PRINCIPLE = (  # our wording of the five points in the paper's Appendix C
     "Follow these principles. Be factually accurate; if you are unsure, say so. If a request could cause harm or "
@@ -60,7 +60,10 @@ def parse_args(argv=None):
     g.add_argument("--samples-per-epoch", type=int, default=500, help="prompts m sampled per epoch, over all ranks")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="longest sampled response")
     g.add_argument("--max-prompt-tokens", type=int, help="skip longer prompts; default: context - --max-new-tokens")
-    g = p.add_argument_group("sizes and runtime")
+    g = p.add_argument_group("sizes, runtime and LoRA (one copy of the weights: π_w and π_l are μ, the adapter off)")
+    g.add_argument("--lora-r", type=int, default=0, help="rank of a LoRA adapter to train (0: train every weight)")
+    g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA's α: the adapter's update is scaled by α/r")
+    g.add_argument("--lora-target-modules", nargs="+", default=["all-linear"], help="module names given an adapter")
     g.add_argument("--kv-cache-tokens", type=int, default=32768, help="a generate() call's KV-cache tokens, per rank")
     g.add_argument("--batch-size", type=int, default=2, help="training (and scoring) micro-batch, per rank")
     g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
@@ -89,16 +92,12 @@ def fail(message, code=2, exit=sys.exit):
 
 # === Algorithm 1, input: the contexts D = {x}. Prompts only; no responses are used ===============================
 def hh_messages(row):
-    """HH's "\n\nHuman: …\n\nAssistant: …" rows: the turns that chosen and rejected share, not their replies (§5.1)."""
-    conversations = []
-    for text in (row.get("chosen"), row.get("rejected")):
-        if isinstance(text, str):
-            parts = re.split(r"\n\n(Human|Assistant): ?", "\n\n" + text.lstrip("\n"))
-            turns = zip(parts[1::2], parts[2::2], strict=True)  # (speaker, what they said)
-            roles = {"Human": "user", "Assistant": "assistant"}
-            conversations.append([{"role": roles[who], "content": said.strip()} for who, said in turns])
-    shared = itertools.takewhile(lambda turns: turns[0] == turns[-1], zip(*conversations, strict=False))
-    return [turns[0] for turns in shared]
+    """HH's "\n\nHuman: …\n\nAssistant: …" text of chosen (else rejected) as turns, its reply included (§5.1)."""
+    text = row["chosen"] if isinstance(row.get("chosen"), str) else row["rejected"]
+    parts = re.split(r"\n\n(Human|Assistant): ?", "\n\n" + text.lstrip("\n"))
+    turns = zip(parts[1::2], parts[2::2], strict=True)  # (speaker, what they said)
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[who], "content": said.strip()} for who, said in turns]
 
 
 def row_to_messages(row):
@@ -122,7 +121,7 @@ def row_to_messages(row):
         messages = hh_messages(row)
     else:
         raise ValueError("has none of 'prompt', 'messages', 'chosen'/'rejected'")
-    while messages and messages[-1]["role"] == "assistant":  # the policy writes its own reply
+    while messages and messages[-1]["role"] == "assistant":  # the policy writes its own reply (HH: chosen's, dropped)
         messages = messages[:-1]
     if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
         raise ValueError("no user turn to answer")
@@ -316,12 +315,12 @@ def response_hidden(model, prompts, responses, pad_token_id, device):
     tokens, attention_mask, positions, ids, mask = make_batch([x[n:] for x in prompts], responses, pad_token_id, device)
     cache = None
     if n:  # the rows go on from the shared start's cache: their masks cover it, their positions follow it
-        cache = module.base_model(torch.tensor([prompts[0][:n]], device=device), use_cache=True).past_key_values
+        cache = module.get_decoder()(torch.tensor([prompts[0][:n]], device=device), use_cache=True).past_key_values
         cache.batch_repeat_interleave(len(prompts))
         attention_mask = torch.nn.functional.pad(attention_mask, (n, 0), value=1)
         positions = positions + n
     seen = {}  # what the hooks see of the one forward below
-    hook_hidden = module.base_model.register_forward_hook(lambda m, args, out: seen.update(hidden=out[0]))
+    hook_hidden = module.get_decoder().register_forward_hook(lambda m, args, out: seen.update(hidden=out[0]))
     hook_head = head.register_forward_hook(lambda m, args, out: seen.update(head_in=args[0], head_out=out))
     with hook_hidden, hook_head:
         inputs = dict(input_ids=tokens, attention_mask=attention_mask, position_ids=positions, past_key_values=cache)
@@ -414,35 +413,27 @@ def load_frozen(name, dtype, train_config):
     return engine
 
 
-def open_tracker(args):
-    """log(record) to TensorBoard (OUTPUT_DIR/runs) or Weights & Biases, by their own writers; both end at exit."""
-    if args.report_to == "wandb":  # WANDB_MODE=offline keeps the run in OUTPUT_DIR/wandb
-        import wandb
-
-        run = wandb.init(project="iqstar", dir=args.output_dir, config=vars(args))
-        return lambda record: run.log(record, step=record["epoch"])
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(os.path.join(args.output_dir, "runs"))
-
-    def log(record):
-        for key, value in record.items():
-            writer.add_scalar(key, value, record["epoch"])
-        writer.flush()
-
-    return log
-
-
-def save_policy(engine, tokenizer, generation_config, output_dir, is_main):
-    """The policy (gathered from ZeRO-3) in the run's dtype, as an HF model + tokenizer; files appear when complete."""
+def save_policy(run, tokenizer, output_dir):
+    """π_θ (gathered from ZeRO-3) as an HF model + tokenizer; LoRA: merged, and in adapter/; files appear when done."""
     # A collective under ZeRO-3 (without: None, the module's own); no public form: accelerate's get_state_dict calls it
-    state_dict = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization() else None
-    if is_main:  # DeepSpeed's save_16bit_model writes no HF model
+    zero3 = run.engine.zero_optimization()  # frozen weights (LoRA's μ) left out: the HF model below is merged anew
+    state_dict = run.engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True) if zero3 else None
+    if run.rank == 0:  # DeepSpeed's save_16bit_model writes no HF model
         staging = os.path.join(output_dir, ".saving")
         shutil.rmtree(staging, ignore_errors=True)
-        engine.module.save_pretrained(staging, state_dict=state_dict)
-        generation_config.save_pretrained(staging)  # the model's own, not the pure sampling one iqstar set
+        policy = run.engine.module
+        if run.args.lora_r:  # the adapter as PEFT writes it; then, for transformers, μ with it merged in by PEFT
+            import peft
+
+            policy.save_pretrained(os.path.join(staging, "adapter"), state_dict=state_dict)
+            unset_hf_deepspeed_config()  # μ loaded whole, on this rank only: not sharded over all ranks (ZeRO-3)
+            merged = peft.AutoPeftModelForCausalLM.from_pretrained(os.path.join(staging, "adapter"), dtype=policy.dtype)
+            set_hf_deepspeed_config(run.hf_ds_config)
+            policy = merged.merge_and_unload()
+        policy.save_pretrained(staging, state_dict=None if run.args.lora_r else state_dict)
+        run.hub_config.save_pretrained(staging)  # the model's own, not the pure sampling one iqstar set
         tokenizer.save_pretrained(staging)
+        shutil.rmtree(os.path.join(output_dir, "adapter"), ignore_errors=True)  # an older run's: os.replace keeps none
         for name in os.listdir(staging):
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
         os.rmdir(staging)
@@ -456,7 +447,8 @@ def save_checkpoint(engine, directory, epoch, is_main):
     latest = os.path.join(directory, "latest.json")
     rngs = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(rngs, torch.get_rng_state())  # DeepSpeed's checkpoint does not hold them
-    engine.save_checkpoint(directory, tag=tag, client_state={"rngs": rngs}, save_latest=False)  # ends in a barrier
+    state = dict(client_state={"rngs": rngs}, save_latest=False, exclude_frozen_parameters=True)  # LoRA: the adapter
+    engine.save_checkpoint(directory, tag=tag, **state)  # ends in a barrier
     if is_main:
         with open(latest + ".tmp", "w") as f:
             json.dump({"tag": tag, "epoch": epoch, "world_size": len(rngs)}, f)
@@ -471,9 +463,9 @@ def save_checkpoint(engine, directory, epoch, is_main):
 class Stopped(BaseException):
     """SIGINT/SIGTERM as an exception, so that torch's `finally` frees a DeepSpeed op build's lock (killed: never)."""
 
-
-def raise_stopped(signum, frame):
-    raise Stopped(signum)
+    @staticmethod
+    def handler(signum, frame):  # for signal.signal
+        raise Stopped(signum)
 
 
 def exit_if_stopped(error, epoch, checkpoint):
@@ -498,14 +490,16 @@ def exit_if_stopped(error, epoch, checkpoint):
 def check_args(args):
     """Everything that can be wrong with the flags, found before anything long starts or is written."""
     positive = "epochs samples_per_epoch max_new_tokens kv_cache_tokens batch_size max_skipped_steps max_prompt_tokens"
-    rules = {"> 0": ["alpha", "lr"], ">= 0": ["save_every", "snapshot_every"], "a positive integer": positive.split()}
+    rules = {"> 0": ["alpha", "lr", "lora_alpha"], ">= 0": ["save_every", "snapshot_every", "lora_r"]}
+    rules["a positive integer"] = positive.split()
     for rule, flags in rules.items():
         for flag in flags:
             value = getattr(args, flag)
             if value is not None and not (value >= 0 if rule == ">= 0" else value > 0):  # not: NaN fails too
                 fail(f"--{flag.replace('_', '-')} must be {rule} (got {value})")
-    if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
-        fail(f"--report-to {args.report_to}: the package is not installed (pip install {args.report_to})")
+    for flag, package in (("--report-to", args.report_to), ("--lora-r", "peft" if args.lora_r else "none")):
+        if package != "none" and importlib.util.find_spec(package) is None:  # an extra, imported only when asked for
+            fail(f"{flag}: {package} is not installed (pip install {package})")
     try:
         args.principle = read_principle(args.principle, args.principle_file)
     except ValueError as e:
@@ -591,8 +585,7 @@ def read_prompts(args, tokenizer, config):
 
 
 # === Algorithm 1: the loop. Each step below is a function; main() runs them in the algorithm's order ==============
-# What the loop's steps use: `engine` is π_θ under DeepSpeed (`.module`: the HF model); `aligned` scores π_w and
-# `reference` π_l; `hub_config`: the model's own generation config; `hf_ds_config` kept alive (transformers: a weakref).
+# `engine`: π_θ under DeepSpeed (`.module`, the HF model); `aligned`: π_w; `reference`: π_l; `hf_ds_config`: kept alive
 Run = collections.namedtuple(
     "Run", "args engine aligned reference hub_config hf_ds_config pad_token_id eos rank world_size device per_rank bar"
 )
@@ -601,7 +594,6 @@ Run = collections.namedtuple(
 def initialize(args, n_prompts, pad_token_id, eos):
     """Algorithm 1, line 3: π_θ ← μ under DeepSpeed, beside the frozen model(s) of π_w and π_l, on every rank."""
     import deepspeed
-    from transformers.integrations import HfDeepSpeedConfig
 
     rank, world_size, device = init_distributed()
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
@@ -617,8 +609,16 @@ def initialize(args, n_prompts, pad_token_id, eos):
         enable_checkpointing = getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)
         enable_checkpointing()  # the newer name, else the older one
     hub_config = use_pure_sampling(policy, args.max_new_tokens, eos, pad_token_id)
-    engine, *_ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(), config=ds_config)
-    reference = load_frozen(args.reference_model or args.model, dtype, ds_config)  # π_l; π_w with the principle
+    if args.lora_r:  # π_θ = μ + (α/r)·BA with B = 0 at first: μ's weights stay frozen
+        import peft
+
+        targets = "all-linear" if args.lora_target_modules == ["all-linear"] else args.lora_target_modules
+        lora = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=targets)
+        policy = peft.get_peft_model(policy, lora, autocast_adapter_dtype=False)  # fp32 beside bf16 breaks ZeRO-3
+    trainable = [p for p in policy.parameters() if p.requires_grad]  # the optimizer holds states for these only
+    engine, *_ = deepspeed.initialize(model=policy, model_parameters=trainable, config=ds_config)
+    shared = args.lora_r and not (args.reference_model or args.aligned_model)  # π_w, π_l: μ, the policy's adapter off
+    reference = engine if shared else load_frozen(args.reference_model or args.model, dtype, ds_config)  # π_l and π_w
     aligned = load_frozen(args.aligned_model, dtype, ds_config) if args.aligned_model else reference  # π_w
     torch.manual_seed(args.seed + 1 + rank)  # CRUCIAL: each rank must sample different responses
     # On a terminal a bar vanishes when done; in a log it ends its line, so that the epoch's line has its own.
@@ -634,7 +634,7 @@ def open_output_dir(run, checkpoints, metrics_path):
     if args.resume:  # the policy, the optimizer and this rank's RNG; the lr is this command's
         with open(os.path.join(checkpoints, "latest.json")) as f:
             latest = json.load(f)
-        _, client_state = run.engine.load_checkpoint(checkpoints, tag=latest["tag"])
+        _, client_state = run.engine.load_checkpoint(checkpoints, tag=latest["tag"], load_module_strict=not args.lora_r)
         torch.set_rng_state(client_state["rngs"][run.rank])
         for group in run.engine.optimizer.param_groups:
             group["lr"] = args.lr
@@ -686,10 +686,11 @@ def sample_epoch(run, prompts, drawn, epoch):
 def score_epoch(run, batches, epoch):
     """Algorithm 1, line 6, its target: log π̂(y_t) of each micro-batch by the frozen model(s), §4.2."""
     alpha = run.args.alpha
-    return [
-        superior_targets(run.aligned, run.reference, principled, plain, ys, alpha, run.pad_token_id, run.device)
-        for plain, principled, ys in run.bar(batches, desc=f"epoch {epoch} score")
-    ]
+    with run.engine.module.disable_adapter() if run.reference is run.engine else contextlib.nullcontext():
+        return [
+            superior_targets(run.aligned, run.reference, principled, plain, ys, alpha, run.pad_token_id, run.device)
+            for plain, principled, ys in run.bar(batches, desc=f"epoch {epoch} score")
+        ]
 
 
 def train_epoch(run, batches, targets, epoch, skipped_in_a_row, checkpoint):
@@ -747,7 +748,7 @@ def log_epoch(run, epoch, tally, seconds, metrics_path, log):
 def main(argv=None):
     """Algorithm 1: π_θ ← μ; then each epoch samples, scores, trains, logs and checkpoints; the aligned policy last."""
     for signum in (signal.SIGINT, signal.SIGTERM):  # the deepspeed launcher sends Ctrl-C on as SIGTERM
-        signal.signal(signum, raise_stopped)
+        signal.signal(signum, Stopped.handler)
     args = parse_args(argv)
     check_args(args)
     config, tokenizer, pad_token_id, eos = check_models(args)
@@ -759,7 +760,8 @@ def main(argv=None):
         checkpoints = os.path.join(args.output_dir, "checkpoints")
         metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
         checkpoint, done = open_output_dir(run, checkpoints, metrics_path)
-        log = open_tracker(args) if run.rank == 0 and args.report_to != "none" else None  # the tracker's
+        tracker = run.rank == 0 and args.report_to != "none"  # TensorBoard or W&B: tracking.py, beside this file
+        log = importlib.import_module("tracking").open_tracker(args) if tracker else None
         skipped_in_a_row = 0
         for epoch in range(done + 1, args.epochs + 1):  # line 4
             # line 5: x ~ D, the same draw on every rank, split between them; y ~ π_θ(·|x)
@@ -778,9 +780,8 @@ def main(argv=None):
             if epoch == args.epochs or (args.save_every and epoch % args.save_every == 0):
                 checkpoint = save_checkpoint(run.engine, checkpoints, epoch, run.rank == 0)
             if args.snapshot_every and epoch % args.snapshot_every == 0 and epoch < args.epochs:
-                snapshot = os.path.join(args.output_dir, f"epoch-{epoch}")
-                save_policy(run.engine, tokenizer, run.hub_config, snapshot, run.rank == 0)
-        save_policy(run.engine, tokenizer, run.hub_config, args.output_dir, run.rank == 0)
+                save_policy(run, tokenizer, os.path.join(args.output_dir, f"epoch-{epoch}"))
+        save_policy(run, tokenizer, args.output_dir)
     except (Stopped, RuntimeError) as e:  # a RuntimeError too: a collective breaks when another rank has stopped
         exit_if_stopped(e, epoch, checkpoint)
         raise

@@ -8,9 +8,12 @@
    adherence;
 4. an epoch's sampling on SmolLM2 with short and long prompts, one generate() call against calls within
    --kv-cache-tokens (bench/sampling_memory.py): tokens/s and peak memory.
-5. the memory plan (bench/plan.py) against SmolLM2's measured peak RSS by phase, CPU fp32 (bench/memory.py).
+5. the memory plan (bench/plan.py) against SmolLM2's measured peak RSS by phase, CPU fp32 (bench/memory.py);
+6. make demo-real's run, full fine-tuning against LoRA (--lora-r 16 at ten times the learning rate), each in a fresh
+   process: iqstar.py's seconds and peak resident memory, and the held-out adherence reached.
 
     python bench/bench.py --out out/bench          # writes out/bench/bench.json
+    python bench/bench.py --parts 5 6              # some parts only
 """
 
 import argparse
@@ -185,6 +188,35 @@ def memory_plan(out):
     return memory_check.compare(os.path.join(out, "memory"), os.path.join(ROOT, "out", "smollm2"))
 
 
+LORA_FLAGS = ["--lora-r", "16", "--lr", "1e-4"]  # make demo-real's lr is 1e-5
+
+
+def lora_side_by_side(out):
+    """6. make demo-real (α = 1.4, seed 0) as it is and with LORA_FLAGS, each demo in its own process."""
+    figures = {}
+    for name, flags in (("full", []), ("lora", LORA_FLAGS)):
+        run_out = os.path.join(out, f"real-{name}")
+        command = [sys.executable, os.path.join(ROOT, "demo", "real.py"), "--out", run_out, "--model-dir"]
+        command += [os.path.join(ROOT, "out", "smollm2")] + flags
+        result = subprocess.run(command, capture_output=True, text=True, env=clean_env(), cwd=ROOT)
+        if result.returncode != 0:
+            sys.exit(f"bench: demo/real.py {' '.join(flags)} failed\n{result.stdout[-2000:]}{result.stderr[-3000:]}")
+        with open(os.path.join(run_out, "alpha1.4-seed0", "results.json")) as f:
+            results = json.load(f)
+        after = results["after"]
+        figures[name] = {
+            "flags": flags,
+            "iqstar_seconds": results["training_seconds"],
+            "iqstar_max_rss_gib": results["training_max_rss_gib"],
+            "adherence": after["adherence"],
+            "eos_rate": after["eos_rate"],
+            "mean_length": after["mean_length"],
+        }
+    figures["seconds_ratio"] = figures["lora"]["iqstar_seconds"] / figures["full"]["iqstar_seconds"]
+    figures["rss_ratio"] = figures["lora"]["iqstar_max_rss_gib"] / figures["full"]["iqstar_max_rss_gib"]
+    return figures
+
+
 def machine():
     import torch
 
@@ -207,21 +239,24 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="out/bench", help="working folder; bench.json is written here")
     p.add_argument("--json", help="where to write the figures (default: OUT/bench.json)")
+    p.add_argument("--parts", nargs="+", type=int, choices=range(1, 7), default=range(1, 7), help="run these only")
     p.add_argument("--memory-variant", nargs=3, metavar=("VARIANT", "MODEL", "RESULT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_variant:
         return memory_one(*args.memory_variant)
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
-    sample, mem, epoch = sampling(args.out), memory(args.out), demo_epochs(args.out)
-    import sampling_memory
-
-    budget = sampling_memory.run(os.path.join(ROOT, "out", "smollm2"), args.out)
-    plan_check = memory_plan(args.out)
-    gib = 2**30
-    figures = {
-        "machine": machine(),
-        "sampling_tokens_per_s": {
+    figures = {"machine": machine(), "parts": sorted(args.parts)}
+    host = figures["machine"]
+    print(
+        f"\nmachine: {host['cpu']}, {host['cores']} cores, {host['memory_gib']} GiB, torch {host['torch']}, "
+        f"GPU: {host['gpu']}"
+    )
+    print(f"{'':44s}{'before':>14s}{'after':>14s}{'after/before':>14s}")
+    gib, mib = 2**30, 2**20
+    if 1 in args.parts:
+        sample = sampling(args.out)
+        s = figures["sampling_tokens_per_s"] = {
             "layer_by_layer": sample["off"]["tokens_per_s"],
             "gathered": sample["on"]["tokens_per_s"],
             "ratio": sample["on"]["tokens_per_s"] / sample["off"]["tokens_per_s"],
@@ -229,56 +264,73 @@ def main():
             "model": "GPT-2, 8 layers, width 256, vocab 8192",
             "prompts_per_rank": 4,
             "new_tokens": 32,
-        },
-        "logprob_peak_memory_gib": {
+        }
+        print(
+            f"{'sampling tokens/s, 2 ranks ZeRO-3':44s}{s['layer_by_layer']:>14.1f}{s['gathered']:>14.1f}"
+            f"{s['ratio']:>13.2f}×   (layer by layer -> gathered; target ≥ 5×)"
+        )
+    if 2 in args.parts:
+        mem = memory(args.out)
+        m = figures["logprob_peak_memory_gib"] = {
             "straightforward": mem["straightforward"]["peak_bytes"] / gib,
             "chunked": mem["chunked"]["peak_bytes"] / gib,
             "ratio": mem["chunked"]["peak_bytes"] / mem["straightforward"]["peak_bytes"],
             "seconds": {k: v["seconds"] for k, v in mem.items()},
             "loss": {k: v["loss"] for k, v in mem.items()},
-        },
-        "demo_seconds_per_epoch": {"gathered": epoch["on"], "layer_by_layer": epoch["off"]},
-        "sampling_within_kv_cache_tokens": budget,
-        "memory_plan_vs_measured": plan_check,
-        "bench_seconds": round(time.time() - started),
-    }
-    s, m, d = figures["sampling_tokens_per_s"], figures["logprob_peak_memory_gib"], figures["demo_seconds_per_epoch"]
-    host = figures["machine"]
-    print(
-        f"\nmachine: {host['cpu']}, {host['cores']} cores, {host['memory_gib']} GiB, torch {host['torch']}, "
-        f"GPU: {host['gpu']}"
-    )
-    print(f"{'':44s}{'before':>14s}{'after':>14s}{'after/before':>14s}")
-    print(
-        f"{'sampling tokens/s, 2 ranks ZeRO-3':44s}{s['layer_by_layer']:>14.1f}{s['gathered']:>14.1f}"
-        f"{s['ratio']:>13.2f}×   (layer by layer -> gathered; target ≥ 5×)"
-    )
-    print(
-        f"{'log-prob+estimator+loss peak GiB, V=128256':44s}{m['straightforward']:>14.3f}{m['chunked']:>14.3f}"
-        f"{m['ratio']:>13.2f}×   (straightforward -> chunked; T=1024, batch 1; target ≤ 0.5×)"
-    )
-    print(
-        f"{'demo s/epoch, 1 process (sample+score+train)':44s}{d['layer_by_layer']['epoch']:>14.2f}"
-        f"{d['gathered']['epoch']:>14.2f}{d['gathered']['epoch'] / d['layer_by_layer']['epoch']:>13.2f}×   "
-        f"(sample {d['layer_by_layer']['sample']:.2f} -> {d['gathered']['sample']:.2f} s)"
-    )
-    print(
-        f"{'demo adherence after training':44s}{d['layer_by_layer']['adherence']:>14.4f}"
-        f"{d['gathered']['adherence']:>14.4f}   (must match: same seed)"
-    )
-    b, a, mib = budget["before"], budget["after"], 2**20
-    print(
-        f"{'SmolLM2 sampling tokens/s, long-prompt mix':44s}{b['tokens_per_s']:>14.1f}{a['tokens_per_s']:>14.1f}"
-        f"{budget['tokens_per_s_ratio']:>13.2f}×   (one call -> within --kv-cache-tokens {budget['kv_cache_tokens']};"
-        " target ≥ 1×)"
-    )
-    print(
-        f"{'SmolLM2 sampling peak MiB above baseline':44s}{b['peak_bytes'] / mib:>14.1f}"
-        f"{a['peak_bytes'] / mib:>14.1f}{budget['peak_ratio']:>13.2f}×   (calls {b['calls']} -> {a['calls']})"
-    )
-    import memory as memory_check
+        }
+        print(
+            f"{'log-prob+estimator+loss peak GiB, V=128256':44s}{m['straightforward']:>14.3f}{m['chunked']:>14.3f}"
+            f"{m['ratio']:>13.2f}×   (straightforward -> chunked; T=1024, batch 1; target ≤ 0.5×)"
+        )
+    if 3 in args.parts:
+        epoch = demo_epochs(args.out)
+        d = figures["demo_seconds_per_epoch"] = {"gathered": epoch["on"], "layer_by_layer": epoch["off"]}
+        print(
+            f"{'demo s/epoch, 1 process (sample+score+train)':44s}{d['layer_by_layer']['epoch']:>14.2f}"
+            f"{d['gathered']['epoch']:>14.2f}{d['gathered']['epoch'] / d['layer_by_layer']['epoch']:>13.2f}×   "
+            f"(sample {d['layer_by_layer']['sample']:.2f} -> {d['gathered']['sample']:.2f} s)"
+        )
+        print(
+            f"{'demo adherence after training':44s}{d['layer_by_layer']['adherence']:>14.4f}"
+            f"{d['gathered']['adherence']:>14.4f}   (must match: same seed)"
+        )
+    if 4 in args.parts:
+        import sampling_memory
 
-    print(memory_check.report(plan_check))
+        budget = figures["sampling_within_kv_cache_tokens"] = sampling_memory.run(
+            os.path.join(ROOT, "out", "smollm2"), args.out
+        )
+        b, a = budget["before"], budget["after"]
+        print(
+            f"{'SmolLM2 sampling tokens/s, long-prompt mix':44s}{b['tokens_per_s']:>14.1f}{a['tokens_per_s']:>14.1f}"
+            f"{budget['tokens_per_s_ratio']:>13.2f}×   (one call -> within --kv-cache-tokens "
+            f"{budget['kv_cache_tokens']}; target ≥ 1×)"
+        )
+        print(
+            f"{'SmolLM2 sampling peak MiB above baseline':44s}{b['peak_bytes'] / mib:>14.1f}"
+            f"{a['peak_bytes'] / mib:>14.1f}{budget['peak_ratio']:>13.2f}×   (calls {b['calls']} -> {a['calls']})"
+        )
+    if 6 in args.parts:
+        lora = figures["full_vs_lora_demo_real"] = lora_side_by_side(args.out)
+        full, low = lora["full"], lora["lora"]
+        print(
+            f"{'demo-real iqstar.py s, full -> LoRA r=16':44s}{full['iqstar_seconds']:>14.0f}"
+            f"{low['iqstar_seconds']:>14.0f}{lora['seconds_ratio']:>13.2f}×   (lr 1e-5 -> {LORA_FLAGS[-1]})"
+        )
+        print(
+            f"{'demo-real iqstar.py max RSS GiB, full -> LoRA':44s}{full['iqstar_max_rss_gib']:>14.2f}"
+            f"{low['iqstar_max_rss_gib']:>14.2f}{lora['rss_ratio']:>13.2f}×   (target ≤ 0.7×)"
+        )
+        print(
+            f"{'demo-real held-out adherence, full -> LoRA':44s}{full['adherence']:>14.3f}{low['adherence']:>14.3f}"
+            f"   (0.000 before; ends by itself {full['eos_rate']:.3f} -> {low['eos_rate']:.3f})"
+        )
+    if 5 in args.parts:
+        import memory as memory_check
+
+        plan_check = figures["memory_plan_vs_measured"] = memory_plan(args.out)
+        print(memory_check.report(plan_check))
+    figures["bench_seconds"] = round(time.time() - started)
     path = args.json or os.path.join(args.out, "bench.json")
     with open(path, "w") as f:
         json.dump(figures, f, indent=1)

@@ -1,7 +1,8 @@
 """make gpu-check: two epochs of iqstar.py in bf16 at the paper's lengths on one GPU, beside the memory plan.
 
 It builds everything it needs (no download, no network): a random-weight Llama from a config (TinyLlama-1.1B's
-shape by default; --size 7b: Llama-2-7B's, with the optimizer offloaded to CPU; --size tiny: 2 layers, for CPU),
+shape by default; --size 7b: Llama-2-7B's, with the optimizer offloaded to CPU unless --lora-r trains an adapter on
+one copy of the weights; --size tiny: 2 layers, for CPU),
 a word-level tokenizer of the same vocabulary with the `tokenizers` library, and a .jsonl of prompts of 128 to 384
 words. It then runs iqstar's main() in this process, `--dtype bf16 --max-new-tokens 1024 --batch-size 2`, with
 bench/phases.py marking the phases, and prints sample, score and train seconds, tokens/s, and each phase's peak GPU
@@ -9,6 +10,7 @@ memory (torch.cuda.max_memory_allocated, reset at each phase's start; on CPU, re
 bench/plan.py's prediction for the same flags.
 
     python bench/gpu_check.py                          # on a GPU machine: make gpu-check
+    python bench/gpu_check.py --size 7b --lora-r 16    # one GPU, LoRA: make gpu-check's second case
     python bench/gpu_check.py --size tiny --max-new-tokens 64   # on CPU, in under a minute
 
 A pure sample from random weights seldom meets its EOS: the responses run to --max-new-tokens, the worst case.
@@ -160,6 +162,7 @@ def main(argv=None):
     import plan
 
     cuda = torch.cuda.is_available()
+    lora_r = iqstar.parse_args(["--model", "x"] + extra).lora_r  # LoRA on one GPU: μ once, nothing to offload
     samples = args.samples_per_epoch or {"1b": 42, "7b": 24, "tiny": 4}[args.size]
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
@@ -182,7 +185,7 @@ def main(argv=None):
         "--save-every",
         "0",
         "--ds-config",
-        ds_config(os.path.join(args.out, "ds_config.json"), args.size == "7b", args.fused_adam),
+        ds_config(os.path.join(args.out, "ds_config.json"), args.size == "7b" and not lora_r, args.fused_adam),
     ]
     flags += extra
     run_dir = os.path.join(args.out, "run")
@@ -220,6 +223,7 @@ def main(argv=None):
         "deepspeed": importlib.metadata.version("deepspeed"),
         "python": platform.python_version(),
         "size": args.size,
+        "lora_r": lora_r,
         "parameters": predicted["parameters"],
         "flags": flags,
         "prompt_tokens": prompt_tokens,
@@ -241,10 +245,11 @@ def main(argv=None):
 
 def report(figures, what):
     where = figures["gpu"] or "CPU (no GPU: resident memory instead of GPU memory)"
+    trained = f"LoRA r={figures['lora_r']}" if figures["lora_r"] else "every weight trained"
     lines = [
         f"\ngpu-check: {where}; torch {figures['torch']}, transformers {figures['transformers']}, DeepSpeed "
         f"{figures['deepspeed']}; Llama {figures['size']} ({figures['parameters'] / 1e9:.2f} B parameters), "
-        f"bf16, prompts up to {figures['prompt_tokens']} tokens",
+        f"bf16, {trained}, prompts up to {figures['prompt_tokens']} tokens",
         f"{'epoch':>6s}{'sample s':>10s}{'score s':>10s}{'train s':>10s}{'tokens':>9s}{'sample tok/s':>14s}"
         f"{'train tok/s':>13s}",
     ]

@@ -3,9 +3,10 @@
 One epoch of iqstar's main() on SmolLM2-135M-Instruct (one process, CPU, fp32), in a fresh process, with
 bench/phases.py marking the phases: the peak resident memory of each phase above the process's baseline before
 the first model is loaded, beside bench/plan.py's prediction for the same flags (--ranks 1, fp32, the prompts'
-measured length). Once as iqstar runs by default, once with --gradient-checkpointing. The child's glibc malloc is
-told to give freed blocks back to the OS (MALLOC_MMAP_THRESHOLD_, MALLOC_ARENA_MAX; bench/phases.py child_env),
-so that resident memory follows what is allocated. Target: every phase within ±25 % of the plan.
+measured length). Once as iqstar runs by default, once with --gradient-checkpointing, once with --lora-r 16. The
+child's glibc malloc is told to give freed blocks back to the OS (MALLOC_MMAP_THRESHOLD_, MALLOC_ARENA_MAX;
+bench/phases.py child_env), so that resident memory follows what is allocated. Target: every phase within ±25 %
+of the plan.
 
     python bench/memory.py --out out/bench/memory          # about 2 minutes on 2 cores; writes memory.json
 """
@@ -61,6 +62,7 @@ FLAGS = [
 RUNS = {
     "default": ([], ("loading", "sampling", "scoring", "training")),
     "gradient checkpointing": (["--gradient-checkpointing", "--epochs", "1"], ("loading", "training")),
+    "LoRA r=16": (["--lora-r", "16"], ("sampling", "scoring", "training")),  # loading: nothing planned, as above
 }
 TARGET = 0.25
 

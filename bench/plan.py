@@ -3,14 +3,18 @@
     python bench/plan.py --config bench/configs/vicuna-7b-v1.5 --ranks 8 --gpu-gib 80
     python bench/plan.py --config bench/configs/vicuna-13b-v1.5 --ranks 8 --gpu-gib 40 --kv-cache-tokens 8192 \
         --gradient-checkpointing --json plan.json
-    python bench/plan.py --readme      # the README's table: Vicuna-7B and -13B on 8 × 80 and 8 × 40 GiB
+    python bench/plan.py --config bench/configs/vicuna-7b-v1.5 --ranks 1 --gpu-gib 24 --lora-r 16 \
+        --gradient-checkpointing --kv-cache-tokens 4096
+    python bench/plan.py --readme      # the README's tables: Vicuna-7B and -13B on 8 × 80 and 8 × 40 GiB, and
+                                       # with --lora-r 16 on one GPU of 24, 48 and 80 GiB
 
 CONFIG is a model folder or its config.json; no weights are read (the parameters are counted on a model built on
 PyTorch's meta device). Every other flag is iqstar.py's own (--batch-size, --max-new-tokens, --kv-cache-tokens,
---samples-per-epoch, --gradient-checkpointing, --gather-for-generation, --aligned-model,
---dtype, --ds-config), read by iqstar's own parser, so that the defaults are the ones a run gets. The plan's own:
---prompt-tokens (the longest prompt, the principle included), --device (cpu: resident memory of a CPU run, the
-check bench/memory.py makes). docs/memory.md explains each part and what it was checked against.
+--samples-per-epoch, --gradient-checkpointing, --gather-for-generation, --aligned-model, --reference-model,
+--lora-r, --lora-target-modules, --dtype, --ds-config), read by iqstar's own parser, so that the defaults are the
+ones a run gets. The plan's own: --prompt-tokens (the longest prompt, the principle included), --device (cpu:
+resident memory of a CPU run, the check bench/memory.py makes). docs/memory.md explains each part and what it was
+checked against.
 """
 
 import argparse
@@ -86,6 +90,28 @@ def count_params(config):
     sizes = [p.numel() for p in model.parameters()]
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return sum(sizes), largest, sizes
+
+
+def adapter_params(config, r, targets):
+    """(parameters, largest layer's) of a LoRA adapter of rank r on the model, as PEFT places it: r × (inputs +
+    outputs) on each targeted linear layer; "all-linear" is every linear layer but the output head."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    sizes = []
+    for name, module in model.named_modules():
+        chosen = any(name == t or name.endswith("." + t) for t in targets)
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and (
+            chosen or targets == ["all-linear"] and module is not head
+        ):
+            sizes.append(r * sum(module.weight.shape))
+    if not sizes:
+        fail(f"--lora-target-modules {' '.join(targets)}: no linear layer of the model is named so")
+    return sum(sizes), max(sizes)
 
 
 def shapes(config):
@@ -189,21 +215,26 @@ def plan(args):
     threshold = zero.get("stage3_param_persistence_threshold", 1e5)
     whole = sum(n for n in sizes if n < threshold)  # small parameters (norms) stay whole on every rank
     shard = (total - whole) / N + whole
-    frozen_models = 2 if args.aligned_model else 1
+    lora = args.lora_r > 0  # then the policy trains an adapter on μ's frozen weights, which also score π_w and π_l
+    trainable, trainable_largest = (
+        adapter_params(config, args.lora_r, args.lora_target_modules) if lora else (total, largest)
+    )
+    frozen_models = 0 if lora and not (args.reference_model or args.aligned_model) else 2 if args.aligned_model else 1
     bucket = zero.get("reduce_bucket_size", 5e8) * b if zero3 and zero.get("contiguous_gradients", True) else 0
     gathered_layers = (largest + zero.get("stage3_prefetch_bucket_size", 5e7)) * b if many else 0
 
     if zero3:
-        states, states_cpu = zero3_states(total, largest, N, b, offload)
-        adam = 0 if offload else 8 * total / N  # AdamW's moments appear at the first step, not at loading
+        states, states_cpu = zero3_states(trainable, trainable_largest, N, b, offload)
+        adam = 0 if offload else 8 * trainable / N  # AdamW's moments appear at the first step, not at loading
         policy = {"loading": states - adam, "sampling": states, "scoring": states, "training": states}
         init = 0
     else:
         states_cpu = None
         policy, init, step = stage0_states(
-            total, b, fused=not ds.get("optimizer", {}).get("params", {}).get("torch_adam", False)
+            trainable, b, fused=not ds.get("optimizer", {}).get("params", {}).get("torch_adam", False)
         )
     frozen = frozen_models * shard * b
+    base = (shard if zero3 else total) * b if lora else 0  # LoRA: μ's weights, frozen, in the policy
     # Loading: on a GPU a model arrives a parameter at a time; on CPU its checkpoint file is mapped and read whole
     # (but see `mapped` below).
     file_bytes = total * {"float32": 4, "float16": 2, "bfloat16": 2}.get(
@@ -215,8 +246,10 @@ def plan(args):
     # (ZeRO-3 partitions, so copies, every parameter; bf16's optimizer copies them): its pages become resident at
     # their first use, in sampling.
     mapped = args.device == "cpu" and not zero3 and b == 4 and file_bytes == total * b
-    if mapped:
+    if mapped and not lora:
         policy, loading_transient = dict(policy, loading=0), 0
+    if mapped and lora:  # the adapter is made at loading, μ's weights read at their first use
+        loading_transient = 0
 
     # Sampling: iqstar's own rollout_batches cuts this rank's prompts into generate() calls within the budget
     per_rank = -(-args.samples_per_epoch // N)
@@ -251,16 +284,23 @@ def plan(args):
     # activations: the training phase's peak is the larger of the two (stage 0's step: stage0_states).
     # DeepSpeed steps one sub-group (zero_optimization.sub_group_size parameters) at a time.
     if zero3:
-        step = (4 + (b if b < 4 else 0)) * min(total / N, zero.get("sub_group_size", 1e9)) if not offload else 0
+        step = (4 + (b if b < 4 else 0)) * min(trainable / N, zero.get("sub_group_size", 1e9)) if not offload else 0
     context = CUDA_CONTEXT if args.device == "gpu" else 0
     plural = "s" if frozen_models > 1 else ""
 
+    if lora:
+        trained = f"adapter r={args.lora_r}: " + (
+            "ZeRO-3 shard, AdamW, gradients" if zero3 else "AdamW, gradients (stage 0)"
+        )
+    else:
+        trained = "policy: " + (
+            "ZeRO-3 shard, AdamW, gradients (DeepSpeed)" if zero3 else "whole, AdamW, gradients (no ZeRO, stage 0)"
+        )
     parts = {  # part: (label, {phase: bytes})
-        "policy_states": (
-            "policy: ZeRO-3 shard, AdamW, gradients (DeepSpeed)"
-            if zero3
-            else "policy: whole, AdamW, gradients (no ZeRO, stage 0)",
-            policy,
+        "policy_states": (trained, policy),
+        "lora_base": (
+            "μ's frozen weights (LoRA; π_w, π_l: adapter off)",
+            dict(dict.fromkeys(PHASES, base), loading=0 if mapped else base),
         ),
         "zero3_buffers": ("ZeRO-3 reduce bucket", dict.fromkeys(PHASES, bucket)),
         "frozen_shards": (
@@ -295,7 +335,11 @@ def plan(args):
     }
     phases = {phase: sum(p.get(phase, 0) for _, p in parts.values()) for phase in PHASES}
     step_peak = (
-        sum(parts[k][1]["training"] for k in ("policy_states", "zero3_buffers", "frozen_shards", "cuda_context")) + step
+        sum(
+            parts[k][1]["training"]
+            for k in ("policy_states", "lora_base", "zero3_buffers", "frozen_shards", "cuda_context")
+        )
+        + step
     )
     if step_peak > phases["training"]:
         parts["activations"][1]["training"] = 0  # freed by then: the step is the peak
@@ -312,6 +356,7 @@ def plan(args):
         "config": args.config,
         "model_type": config.model_type,
         "parameters": total,
+        "trained_parameters": trainable,
         "largest_layer": largest,
         "shapes": s,
         "ranks": N,
@@ -328,6 +373,7 @@ def plan(args):
             "gradient_checkpointing": args.gradient_checkpointing,
             "gather_for_generation": args.gather_for_generation,
             "aligned_model": bool(args.aligned_model),
+            "lora_r": args.lora_r,
             "offload_optimizer": offload,
         },
         "kv_bytes_per_token": kv_bytes_per_token(s, b),
@@ -389,12 +435,38 @@ REMEDIES = [
     ["--kv-cache-tokens", "4096", "--gradient-checkpointing", "OFFLOAD"],
     ["--kv-cache-tokens", "8192", "--gradient-checkpointing", "OFFLOAD", "--gather-for-generation", "off"],
 ]
+# One GPU with LoRA (no ZeRO, nothing to offload): the same, without offloading, then a micro-batch of one
+LORA_REMEDIES = [
+    ["--kv-cache-tokens", "16384"],
+    ["--kv-cache-tokens", "8192"],
+    ["--kv-cache-tokens", "8192", "--gradient-checkpointing"],
+    ["--kv-cache-tokens", "4096", "--gradient-checkpointing"],
+    ["--kv-cache-tokens", "2048", "--gradient-checkpointing"],
+    ["--kv-cache-tokens", "2048", "--gradient-checkpointing", "--batch-size", "1"],
+]
 OFFLOAD = "ds_config's offload_optimizer on CPU"
 HEADROOM = 0.9  # a remedy is chosen when the plan leaves a tenth of the GPU free (for what it does not model)
 
 
+def first_fit(flags, remedies, gib, offload_config):
+    """(the plan at flags, the README's cell for the first remedy that fits, cheapest first)."""
+    base = plan(parse_args(flags))
+    if base["total_gib"] <= HEADROOM * gib:
+        return base, "none needed"
+    for remedy in remedies:
+        extra = [a for e in remedy for a in (["--ds-config", offload_config] if e == "OFFLOAD" else [e])]
+        fixed = plan(parse_args(flags + extra))
+        if fixed["total_gib"] <= HEADROOM * gib:
+            label = " ".join(f"`{e}`" if e != "OFFLOAD" else OFFLOAD for e in remedy).replace("` `", " ")
+            return base, f"{label} ({fixed['total_gib']:.1f} GiB, {fixed['peak_phase']})"
+    if base["parts"]["lora_base"]["loading_gib"] > HEADROOM * gib:
+        return base, "none: μ's weights alone do not fit"
+    return base, "none of plan.py's remedies"
+
+
 def readme():
-    """The README's table: Vicuna-7B and -13B on 8 GPUs of 80 and 40 GiB at the defaults, and the first remedy."""
+    """The README's tables: Vicuna-7B and -13B on 8 GPUs of 80 and 40 GiB at the defaults, and with --lora-r 16 on
+    one GPU of 24, 48 and 80 GiB; each with the first remedy that fits."""
     import tempfile
     import iqstar
 
@@ -403,31 +475,28 @@ def readme():
     config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(config, f)
-    lines = [
+    header = [
         "| model | GPUs | peak at the defaults (phase) | fits | first change that fits (peak) |",
         "|---|---|---|---|---|",
     ]
-    for name in ("vicuna-7b-v1.5", "vicuna-13b-v1.5"):
-        folder = os.path.join(HERE, "configs", name)
-        for gib in (80, 40):
-            flags = ["--config", folder, "--ranks", "8", "--gpu-gib", str(gib)]
-            base = plan(parse_args(flags))
-            change = "none needed"
-            if base["total_gib"] > HEADROOM * gib:
-                change = "none of plan.py's REMEDIES"
-                for remedy in REMEDIES:
-                    extra = [a for e in remedy for a in (["--ds-config", f.name] if e == "OFFLOAD" else [e])]
-                    fixed = plan(parse_args(flags + extra))
-                    if fixed["total_gib"] <= HEADROOM * gib:
-                        label = " ".join(f"`{e}`" if e != "OFFLOAD" else OFFLOAD for e in remedy).replace("` `", " ")
-                        change = f"{label} ({fixed['total_gib']:.1f} GiB, {fixed['peak_phase']})"
-                        break
-            lines.append(
-                f"| {name} | 8 × {gib} GiB | {base['total_gib']:.1f} GiB ({base['peak_phase']}) | "
-                f"{'yes' if base['fits'] else 'no'} | {change} |"
-            )
+    tables = []
+    for ranks, sizes, extra, remedies in (
+        (8, (80, 40), [], REMEDIES),
+        (1, (24, 48, 80), ["--lora-r", "16"], LORA_REMEDIES),
+    ):
+        lines = list(header)
+        for name in ("vicuna-7b-v1.5", "vicuna-13b-v1.5"):
+            folder = os.path.join(HERE, "configs", name)
+            for gib in sizes:
+                flags = ["--config", folder, "--ranks", str(ranks), "--gpu-gib", str(gib)] + extra
+                base, change = first_fit(flags, remedies, gib, f.name)
+                lines.append(
+                    f"| {name} | {ranks} × {gib} GiB | {base['total_gib']:.1f} GiB ({base['peak_phase']}) | "
+                    f"{'yes' if base['fits'] else 'no'} | {change} |"
+                )
+        tables.append("\n".join(lines))
     os.unlink(f.name)
-    return "\n".join(lines)
+    return "\n\n".join(tables)
 
 
 def main(argv=None):

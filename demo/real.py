@@ -11,6 +11,7 @@
 
     python demo/real.py                       # α = 1.4, seed 0
     python demo/real.py --alpha 1.0 --seed 1  # each (α, seed) gets its own run folder
+    python demo/real.py --out out/real-lora --lora-r 16 --lr 1e-4  # any other flag goes to iqstar.py, after its own
 """
 
 import argparse
@@ -19,6 +20,7 @@ import importlib.util
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -193,8 +195,9 @@ def measure(model_dir, prompts, alpha=0.0, seed=0):
     }
 
 
-def run(out, alpha, seed, model_dir=None):
-    """The whole demo for one (α, seed); returns the results dict it also writes to results.json."""
+def run(out, alpha, seed, model_dir=None, flags=()):
+    """The whole demo for one (α, seed), iqstar.py given `flags` after the demo's own; returns the results dict it also
+    writes to results.json, with iqstar.py's seconds and peak resident memory."""
     started = time.time()
     model_dir = convert(model_dir or os.path.join(out, "..", "smollm2"))
     train = [p for kind, prompts in PROMPTS.items() if kind not in HELD_OUT for p in prompts]
@@ -211,29 +214,34 @@ def run(out, alpha, seed, model_dir=None):
     }
 
     run_dir = os.path.join(out, f"alpha{alpha}-seed{seed}")
-    command = [
-        sys.executable,
-        os.path.join(os.path.dirname(HERE), "iqstar.py"),
-        "--model",
-        model_dir,
-        "--dataset",
-        prompts_file,
-        "--principle",
-        PRINCIPLE,
-        "--alpha",
-        str(alpha),
-        "--seed",
-        str(seed),
-        "--output-dir",
-        run_dir,
-        "--overwrite",
-    ] + IQSTAR_FLAGS
+    command = (
+        [
+            sys.executable,
+            os.path.join(os.path.dirname(HERE), "iqstar.py"),
+            "--model",
+            model_dir,
+            "--dataset",
+            prompts_file,
+            "--principle",
+            PRINCIPLE,
+            "--alpha",
+            str(alpha),
+            "--seed",
+            str(seed),
+            "--output-dir",
+            run_dir,
+            "--overwrite",
+        ]
+        + IQSTAR_FLAGS
+        + list(flags)
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     trained = time.time()
     result = subprocess.run(command, env=env)
     if result.returncode != 0:
         sys.exit(f"demo: iqstar.py failed (exit {result.returncode})")
     trained = time.time() - trained
+    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 2**30  # Linux: KiB; iqstar.py's
 
     epochs = int(IQSTAR_FLAGS[IQSTAR_FLAGS.index("--epochs") + 1])
     curve = [before["SmolLM2, no principle"]] + [
@@ -247,7 +255,9 @@ def run(out, alpha, seed, model_dir=None):
         "before": before,
         "after": curve[-1],
         "curve": curve,
+        "iqstar_flags": list(flags),
         "training_seconds": round(trained),
+        "training_max_rss_gib": round(peak_rss, 3),
         "seconds": round(time.time() - started),
     }
     with open(os.path.join(run_dir, "results.json"), "w") as f:
@@ -289,8 +299,8 @@ if __name__ == "__main__":
     p.add_argument("--alpha", type=float, default=1.4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--convert", metavar="DIR", help="only convert the model into DIR (make test's set-up)")
-    args = p.parse_args()
+    args, flags = p.parse_known_args()
     if args.convert:
         sys.exit(convert(args.convert) and None)
     logging.disable_progress_bar()  # a loading bar per measured model would bury iqstar.py's lines
-    print_table(run(args.out, args.alpha, args.seed, args.model_dir))
+    print_table(run(args.out, args.alpha, args.seed, args.model_dir, flags))

@@ -136,7 +136,7 @@ def test_report_to_a_tracker_that_is_not_installed_is_one_line(tiny_model, tmp_p
         )
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        "iqstar.py: error: --report-to wandb: the package is not installed (pip install wandb)"
+        "iqstar.py: error: --report-to: wandb is not installed (pip install wandb)"
     )
     assert not (tmp_path / "out").exists()
 

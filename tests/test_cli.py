@@ -65,6 +65,8 @@ def replace(argv, flag, value):
         (["--max-prompt-tokens", "0"], "--max-prompt-tokens must be a positive integer"),
         (["--save-every", "-1"], "--save-every must be >= 0"),
         (["--snapshot-every", "-2"], "--snapshot-every must be >= 0"),
+        (["--lora-r", "-8"], "--lora-r must be >= 0"),
+        (["--lora-r", "8", "--lora-alpha", "0"], "--lora-alpha must be > 0"),
     ],
 )
 def test_bad_flags(good, extra, message, capsys):

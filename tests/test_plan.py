@@ -287,9 +287,10 @@ def test_activations_per_layer_are_what_autograd_saves(dtype):
     assert plan.activation_bytes_per_token(plan.shapes(config), b) == pytest.approx(per_token_layer, rel=0.05)
 
 
-def test_gpu_check_runs_on_cpu(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--lora-r", "4"]], ids=["full", "lora"])
+def test_gpu_check_runs_on_cpu(tmp_path, extra):
     """make gpu-check's script, on CPU with a tiny Llama: it builds the model, tokenizer and prompts, runs two bf16
-    epochs of iqstar's main() and reports every phase beside the plan."""
+    epochs of iqstar's main() and reports every phase beside the plan; so too its LoRA case."""
     figures = tmp_path / "gpu-check.json"
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -306,7 +307,8 @@ def test_gpu_check_runs_on_cpu(tmp_path):
             str(tmp_path / "work"),
             "--json",
             str(figures),
-        ],
+        ]
+        + extra,
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -322,3 +324,39 @@ def test_gpu_check_runs_on_cpu(tmp_path):
         assert saved["measured_gib"][phase] > 0 and saved["planned_gib"][phase] > 0
     with open(tmp_path / "work" / "run" / "config.json") as f:
         assert json.load(f)["dtype"] == "bfloat16"  # trained and saved in bf16
+    assert saved["lora_r"] == (4 if extra else 0) and os.path.isdir(tmp_path / "work" / "run" / "adapter") == bool(
+        extra
+    )
+    assert ("LoRA r=4" in result.stdout) == bool(extra)
+
+
+@pytest.mark.parametrize("targets", [["all-linear"], ["q_proj", "v_proj"]])
+def test_the_adapter_is_what_peft_trains(targets):
+    """plan.adapter_params counts the parameters PEFT's get_peft_model makes trainable, as iqstar.py calls it."""
+    import peft
+
+    config, model = tiny_llama(2, torch.float32)
+    lora = peft.LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets[0] if len(targets) == 1 else targets
+    )
+    trainable = sum(p.numel() for p in peft.get_peft_model(model, lora).parameters() if p.requires_grad)
+    assert plan.adapter_params(config, 8, targets)[0] == trainable > 0
+
+
+def test_lora_on_one_gpu_holds_one_copy_of_the_weights():
+    """--lora-r: μ's bf16 weights once (no frozen copy), the adapter with its AdamW states as stage 0 holds them
+    (14 B a parameter, 16 in training); a frozen copy again with --reference-model; Vicuna-7B fits one 24 GiB GPU with
+    the flags the README names, and not at the defaults."""
+    flags = ["--config", VICUNA_7B, "--ranks", "1", "--gpu-gib", "24", "--lora-r", "16"]
+    result = plan_of(*flags)
+    parts, adapter = result["parts"], result["trained_parameters"]
+    assert adapter == 32 * 16 * (4 * (4096 + 4096) + 3 * (4096 + 11008))  # q, k, v, o; gate, up, down
+    assert parts["lora_base"]["training_gib"] * GiB == 2 * LLAMA_7B
+    assert parts["frozen_shards"]["training_gib"] == 0
+    assert parts["policy_states"]["loading_gib"] * GiB == 14 * adapter
+    assert parts["policy_states"]["training_gib"] * GiB == 16 * adapter
+    assert (
+        plan_of(*flags, "--reference-model", VICUNA_7B)["parts"]["frozen_shards"]["training_gib"] * GiB == 2 * LLAMA_7B
+    )
+    assert not result["fits"]
+    assert plan_of(*flags, "--kv-cache-tokens", "8192", "--gradient-checkpointing")["total_gib"] < 0.9 * 24
