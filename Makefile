@@ -68,9 +68,9 @@ demo-real: install $(SMOLLM2)/config.json ## Inverse-Q* on SmolLM2-135M-Instruct
 eval-real: $(VENV)/.eval $(SMOLLM2)/config.json ## evaluate.py on make demo-real's models, judged by SmolLM2
 	$(BIN)/python demo/eval_real.py --run out/real/alpha$(ALPHA)-seed$(SEED) --model-dir $(SMOLLM2)
 
-# Sampling speed and memory, log-prob memory, the demo's seconds per epoch, the memory plan's check; bench/memory.py
-# measures SmolLM2.
-bench: install $(SMOLLM2)/config.json ## the performance figures, CPU, 10-20 minutes; JSON in out/bench
+# Sampling speed and memory, log-prob memory, the demo's seconds per epoch, the memory plan's check (bench/memory.py
+# measures SmolLM2), full fine-tuning against LoRA on make demo-real's run.
+bench: install $(SMOLLM2)/config.json ## the performance figures, CPU, about 30 minutes; JSON in out/bench
 	$(BIN)/python bench/bench.py --out out/bench
 
 # iqstar against TRL's SDFTTrainer on the same run, side by side: CPU fp32, 2 threads; JSON in out/bench/peer.

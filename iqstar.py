@@ -753,6 +753,7 @@ def main(argv=None):
     check_args(args)
     config, tokenizer, pad_token_id, eos = check_models(args)
     prompts = read_prompts(args, tokenizer, config)
+    tracking = importlib.import_module("tracking") if args.report_to != "none" else None  # beside this file
     epoch = 0  # the epoch under way
     checkpoint = None  # the checkpoint a stopped run resumes from
     try:
@@ -760,8 +761,7 @@ def main(argv=None):
         checkpoints = os.path.join(args.output_dir, "checkpoints")
         metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
         checkpoint, done = open_output_dir(run, checkpoints, metrics_path)
-        tracker = run.rank == 0 and args.report_to != "none"  # TensorBoard or W&B: tracking.py, beside this file
-        log = importlib.import_module("tracking").open_tracker(args) if tracker else None
+        log = tracking.open_tracker(args) if tracking and run.rank == 0 else None  # TensorBoard or W&B
         skipped_in_a_row = 0
         for epoch in range(done + 1, args.epochs + 1):  # line 4
             # line 5: x ~ D, the same draw on every rank, split between them; y ~ π_θ(·|x)
