@@ -13,7 +13,7 @@ ALPHA ?= 1.4
 SEED ?= 0
 WHEELS := .whl
 
-.PHONY: help install test demo demo-real eval-real bench bench-peer train gpu-check gpu-wheels clean
+.PHONY: help install test test-fast demo demo-real eval-real bench bench-peer train gpu-check gpu-wheels clean
 
 help: ## list the targets (the default)
 	@echo "make TARGET, where TARGET is one of:"
@@ -40,10 +40,16 @@ $(VENV)/.real: requirements-real.txt | $(VENV)/.installed
 $(SMOLLM2)/config.json: | $(VENV)/.real
 	$(BIN)/python demo/real.py --convert $(SMOLLM2)
 
-# evaluate.py's extras (requirements-eval.txt): the openai client, llama.cpp's server (compiles once, about 8 minutes
-# on 2 cores; pip caches the wheel), choix for the tests, matplotlib. make test needs them for tests/test_evaluate*.py.
+# evaluate.py's extras (requirements-eval.txt): the openai client, transformers serve (the tests' judge server: three
+# small wheels), choix, matplotlib. make test needs them for tests/test_evaluate*.py.
 $(VENV)/.eval: requirements-eval.txt requirements-demo.txt | $(VENV)/.installed
 	$(BIN)/pip install -q -r requirements-eval.txt
+	touch $@
+
+# make eval-real's judge server, llama.cpp's (requirements-judge.txt): compiles once, 9 to 15 minutes on 2 cores; pip
+# caches the wheel. make test skips the one test that needs it when it is not installed.
+$(VENV)/.judge: requirements-judge.txt | $(VENV)/.eval
+	$(BIN)/pip install -q -r requirements-judge.txt
 	touch $@
 
 # TRL, make bench-peer's extra only (requirements-peer.txt), not make bench's or test's
@@ -55,6 +61,15 @@ test: install $(VENV)/.test $(VENV)/.eval $(SMOLLM2)/config.json ## every test, 
 	@# A test stuck 20 min prints every stack; only failed tests keep their temporary folders (GBs otherwise)
 	$(BIN)/python -m pytest -q -o faulthandler_timeout=1200 -o tmp_path_retention_policy=failed tests
 
+# The tests that run in pytest's own process, under a minute: the math, the chunked log-probs against the
+# full-vocabulary forms, bf16's math, the sampling plan, data parsing and its fuzz, the one-line errors, the memory
+# plan, credit.py's and evaluate.py's logic (evaluate.py's against a stand-in server, where requirements-eval.txt is
+# installed). Left out: what starts a process, a launcher or a server, or needs the demo world's model or SmolLM2
+# (the marks in pyproject.toml). Only the venv and the test requirements are needed, not SmolLM2.
+FAST := not process and not launcher and not server and not slow and not smollm2 and not world
+test-fast: install $(VENV)/.test ## the in-process tests only, under a minute (no run, server or SmolLM2)
+	$(BIN)/python -m pytest -q -m "$(FAST)" tests
+
 demo: install ## Inverse-Q* on the tiny built-in world, CPU, a few minutes (ALPHA, SEED)
 	$(BIN)/pip install -q -r requirements-demo.txt
 	$(BIN)/python demo/demo.py --out out/demo --alpha $(ALPHA) --seed $(SEED)
@@ -64,31 +79,36 @@ demo-real: install $(SMOLLM2)/config.json ## Inverse-Q* on SmolLM2-135M-Instruct
 	$(BIN)/python demo/real.py --out out/real --model-dir $(SMOLLM2) --alpha $(ALPHA) --seed $(SEED)
 
 # evaluate.py on make demo-real's models (run it first, same ALPHA and SEED): SFT, Prompting and the trained policy
-# on the held-out prompts, judged both ways by SmolLM2 through llama.cpp's server; tables, plots in RUN/eval.
-eval-real: $(VENV)/.eval $(SMOLLM2)/config.json ## evaluate.py on make demo-real's models, judged by SmolLM2
+# on the held-out prompts, judged both ways by SmolLM2 through llama.cpp's server (installed here, the first time);
+# tables, plots in RUN/eval.
+eval-real: $(VENV)/.judge $(SMOLLM2)/config.json ## evaluate.py on make demo-real's models, judged by SmolLM2
 	$(BIN)/python demo/eval_real.py --run out/real/alpha$(ALPHA)-seed$(SEED) --model-dir $(SMOLLM2)
 
-# Sampling speed and memory, log-prob memory, the demo's seconds per epoch, the memory plan's check (bench/memory.py
-# measures SmolLM2), full fine-tuning against LoRA on make demo-real's run.
+# Sampling speed, log-prob memory, the demo's seconds per epoch, the memory plan's check (bench/memory.py measures
+# SmolLM2), full fine-tuning against LoRA on make demo-real's run.
 bench: install $(SMOLLM2)/config.json ## the performance figures, CPU, about 30 minutes; JSON in out/bench
-	$(BIN)/python bench/bench.py --out out/bench
+	$(BIN)/python -m bench.bench --out out/bench
 
-# iqstar against TRL's SDFTTrainer on the same run, side by side: CPU fp32, 2 threads; JSON in out/bench/peer.
-bench-peer: $(VENV)/.peer $(SMOLLM2)/config.json ## iqstar beside TRL's SDFTTrainer, CPU, about 30 minutes
-	$(BIN)/python bench/peer.py --model $(SMOLLM2) --out out/bench/peer
+# iqstar against TRL's SDFTTrainer on the same run, side by side: CPU fp32, 2 threads. Two principles: "one short
+# sentence" against both SDFT losses (JSON in out/bench/peer), and "Answer in French." against SDFT's sampled_token
+# loss, where the answers keep their length (out/bench/peer-french).
+bench-peer: $(VENV)/.peer $(SMOLLM2)/config.json ## iqstar beside TRL's SDFTTrainer, CPU, about 50 minutes
+	$(BIN)/python -m bench.peer.peer --model $(SMOLLM2) --case short --out out/bench/peer
+	$(BIN)/python -m bench.peer.peer --model $(SMOLLM2) --case french --sdft-modes sampled_token \
+	    --out out/bench/peer-french
 
 # See README for 1 GPU and several nodes.
 train: install ## the paper's Vicuna-7B run on one node, all its GPUs
 	$(BIN)/deepspeed iqstar.py --model lmsys/vicuna-7b-v1.5 --output-dir out/vicuna-7b-iqstar
 
 # The memory plan's GPU check: two epochs of iqstar.py in bf16 at the paper's lengths on a random 1.1B Llama, then
-# with a LoRA adapter on a random Llama of Llama-2-7B's shape (needs 40 GB or more), each beside bench/plan.py's
+# with a LoRA adapter on a random Llama of Llama-2-7B's shape (needs 40 GB or more), each beside tools/plan.py's
 # prediction. Run it on the GPU machine, with that machine's python3 (torch with CUDA, transformers), DeepSpeed and
 # PEFT: pip install -r requirements.txt there, or, offline, the wheels of make gpu-wheels (docs/memory.md gives the
 # steps). make gpu-check OUT=dir also writes dir/gpu-check.json and dir/gpu-check-lora.json.
 gpu-check: ## on a GPU machine: bf16 epochs beside the memory plan (1.1B, then 7B with LoRA; OUT=dir: JSON too)
-	python3 bench/gpu_check.py --out /tmp/gpu-check $(if $(OUT),--json $(OUT)/gpu-check.json)
-	python3 bench/gpu_check.py --out /tmp/gpu-check --size 7b --lora-r 16 $(if $(OUT),--json $(OUT)/gpu-check-lora.json)
+	python3 -m tools.gpu_check --out /tmp/gpu-check $(if $(OUT),--json $(OUT)/gpu-check.json)
+	python3 -m tools.gpu_check --out /tmp/gpu-check --size 7b --lora-r 16 $(if $(OUT),--json $(OUT)/gpu-check-lora.json)
 
 # On a machine with pip access: DeepSpeed as a pure-Python wheel (its ops JIT-build where they run) and the
 # dependencies of it that a GPU machine with torch and transformers lacks, in .whl/, to copy to a GPU machine without

@@ -214,7 +214,7 @@ def response_logits(model, prompts, responses, pad_token_id, device):
     """(B, T, V) logits predicting each response token, and the (B, T) response ids and mask.
 
     The whole vocabulary at every position, as the straightforward formulas want; iqstar.py's loop scores
-    chunk by chunk instead (response_hidden), which tests/test_lean.py checks against this.
+    chunk by chunk instead (response_hidden), which tests/test_logprobs.py checks against this.
     """
     input_ids, attention_mask, position_ids, response_ids, response_mask = iqstar.make_batch(
         prompts, responses, pad_token_id, device

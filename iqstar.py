@@ -11,6 +11,7 @@ import argparse
 import atexit
 import collections
 import contextlib
+import ctypes
 import functools
 import importlib.util
 import itertools
@@ -129,6 +130,10 @@ def row_to_messages(row):
     return [{"role": m["role"], "content": m["content"].encode().decode()} for m in messages]
 
 
+READ_ERRORS = {json.JSONDecodeError: "not valid JSON", RecursionError: "JSON nested too deeply"}
+READ_ERRORS.update(dict.fromkeys((UnicodeDecodeError, UnicodeEncodeError), "not UTF-8 text"))
+
+
 def load_conversations(dataset):
     """(where, conversation) and (where, why skipped) lists of a local .jsonl or a hub dataset's train split."""
     if os.path.isfile(dataset) or dataset.endswith((".jsonl", ".json")):
@@ -148,14 +153,8 @@ def load_conversations(dataset):
         try:
             row = json.loads(row.decode()) if isinstance(row, bytes) else row  # a line of a .jsonl, or a hub row
             conversations.append((where, row_to_messages(row)))
-        except UnicodeError:  # UnicodeError and JSONDecodeError are ValueErrors
-            skipped.append((where, "not UTF-8 text"))
-        except json.JSONDecodeError:
-            skipped.append((where, "not valid JSON"))
-        except RecursionError:
-            skipped.append((where, "JSON nested too deeply"))
-        except ValueError as e:
-            skipped.append((where, str(e)))
+        except (ValueError, RecursionError) as e:  # UnicodeError and JSONDecodeError are ValueErrors
+            skipped.append((where, READ_ERRORS.get(type(e), str(e))))
     return conversations, skipped
 
 
@@ -596,6 +595,9 @@ def initialize(args, n_prompts, pad_token_id, eos):
     import deepspeed
 
     rank, world_size, device = init_distributed()
+    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # glibc; a caller's stands
+        ctypes.CDLL(None).mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: each token's logits, KV cache on reused heap
+        ctypes.CDLL(None).mallopt(-1, 64 * 2**20)  # M_TRIM_THRESHOLD: not fresh pages (page faults: slow on a VM)
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     dtype = torch.bfloat16 if bf16 else torch.float32
     ds_config = fill_ds_config(args.ds, args, bf16=bf16)
@@ -754,8 +756,7 @@ def main(argv=None):
     config, tokenizer, pad_token_id, eos = check_models(args)
     prompts = read_prompts(args, tokenizer, config)
     tracking = importlib.import_module("tracking") if args.report_to != "none" else None  # beside this file
-    epoch = 0  # the epoch under way
-    checkpoint = None  # the checkpoint a stopped run resumes from
+    epoch, checkpoint = 0, None  # the epoch under way, the checkpoint a stopped run resumes from
     try:
         run = initialize(args, len(prompts), pad_token_id, eos)  # line 3
         checkpoints = os.path.join(args.output_dir, "checkpoints")
@@ -792,8 +793,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-    # End after atexit's handlers (wandb ends its run in one), the output flushed, but before the interpreter's
-    # teardown: DeepSpeed holds its process groups to the end, and freeing them there can abort a rank.
+    # End after atexit's handlers (wandb's), flushed, before the teardown, where freeing DeepSpeed's groups can abort
     atexit._run_exitfuncs()  # no public function runs them before os._exit, which skips them
     sys.stdout.flush()
     sys.stderr.flush()

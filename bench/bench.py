@@ -2,62 +2,36 @@
 
 1. sampling tokens/s of a ZeRO-3 policy on two CPU ranks, layer by layer vs gathered (bench/sample_speed.py);
 2. peak memory of log π_θ(y_t) + log π̂(y_t) + the loss and its backward at V = 128256, T = 1024, batch 1:
-   the straightforward full-vocabulary path (tests/reference.py) vs iqstar's chunked one (superior_targets,
+   the straightforward full-vocabulary path (tools/reference.py) vs iqstar's chunked one (superior_targets,
    policy_logprobs), each in a fresh process: peak RSS (ru_maxrss) minus the RSS just before the computation;
 3. seconds per epoch of the demo world (make demo's settings), one process under ZeRO-3, gathered and not, and its
    adherence;
-4. an epoch's sampling on SmolLM2 with short and long prompts, one generate() call against calls within
-   --kv-cache-tokens (bench/sampling_memory.py): tokens/s and peak memory.
-5. the memory plan (bench/plan.py) against SmolLM2's measured peak RSS by phase, CPU fp32 (bench/memory.py);
-6. make demo-real's run, full fine-tuning against LoRA (--lora-r 16 at ten times the learning rate), each in a fresh
+4. the memory plan (tools/plan.py) against SmolLM2's measured peak RSS by phase, CPU fp32 (bench/memory.py);
+5. make demo-real's run, full fine-tuning against LoRA (--lora-r 16 at ten times the learning rate), each in a fresh
    process: iqstar.py's seconds and peak resident memory, and the held-out adherence reached.
 
-    python bench/bench.py --out out/bench          # writes out/bench/bench.json
-    python bench/bench.py --parts 5 6              # some parts only
+From the repository root:
+
+    python -m bench.bench --out out/bench          # writes out/bench/bench.json
+    python -m bench.bench --parts 4 5              # some parts only
 """
 
 import argparse
 import json
 import os
-import platform
 import resource
-import socket
 import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, HERE, os.path.join(ROOT, "demo"), os.path.join(ROOT, "tests")]
+from tools.common import ROOT, clean_env, deepspeed_launcher, machine, tiny_gpt2
 
 
-def clean_env():
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
-def tiny_gpt2(path, vocab, layers, width, positions):
-    """A random GPT-2 saved in HF format (no dropout: log π_θ is the sampling distribution)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+def random_gpt2(path, vocab, layers, width, positions):
+    """A random GPT-2 saved in HF format, once (no dropout: log π_θ is the sampling distribution)."""
     if not os.path.exists(os.path.join(path, "config.json")):
-        torch.manual_seed(0)
-        config = GPT2Config(
-            vocab_size=vocab,
-            n_positions=positions,
-            n_embd=width,
-            n_layer=layers,
-            n_head=4,
-            resid_pdrop=0,
-            embd_pdrop=0,
-            attn_pdrop=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        GPT2LMHeadModel(config).save_pretrained(path)
+        no_dropout = {"resid_pdrop": 0, "embd_pdrop": 0, "attn_pdrop": 0}
+        tiny_gpt2(vocab, layers, width, positions, bos_token_id=1, eos_token_id=2, **no_dropout).save_pretrained(path)
     return path
 
 
@@ -65,23 +39,9 @@ def sampling(out):
     """1. tokens/s with two ranks under ZeRO-3 (ds_config.json as shipped), layer by layer vs gathered."""
     # Deep and narrow, 4 prompts per rank: per-layer gathers against little compute per layer, as for a 7B model's
     # 32 layers on fast GPUs. The ratio falls with width and batch (more compute per gather) and rises with depth.
-    model = tiny_gpt2(os.path.join(out, "sampler-8x256"), vocab=8192, layers=8, width=256, positions=512)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    model = random_gpt2(os.path.join(out, "sampler-8x256"), vocab=8192, layers=8, width=256, positions=512)
     figures = os.path.join(out, "sampling.json")
-    command = [
-        os.path.join(os.path.dirname(sys.executable), "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(port),
-        os.path.join(HERE, "sample_speed.py"),
-        model,
-        figures,
-        "4",
-        "32",
-    ]
+    command = deepspeed_launcher(2) + ["--module", "bench.sample_speed", model, figures, "4", "32"]
     result = subprocess.run(command, capture_output=True, text=True, env=clean_env(), cwd=ROOT)
     if result.returncode != 0:
         sys.exit(f"bench: sample_speed.py failed\n{result.stdout[-2000:]}{result.stderr[-3000:]}")
@@ -94,7 +54,7 @@ def memory_one(variant, model_path, result_path):
     import gc
     import torch
     import iqstar
-    import reference
+    from tools import phases, reference
 
     torch.set_num_threads(2)
     model = iqstar.load_model(model_path, torch.float32).train()
@@ -103,8 +63,7 @@ def memory_one(variant, model_path, result_path):
     responses = [[(7 * t) % 128000 + 3 for t in range(T)]]
     path = reference if variant == "straightforward" else iqstar
     gc.collect()
-    with open("/proc/self/statm") as f:
-        baseline = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    baseline = phases.status_bytes("VmRSS")
     start = time.perf_counter()
     targets = path.superior_targets(model, model, principled, plain, responses, 1.4, 0, "cpu")
     policy_logps, mask = path.policy_logprobs(model, plain, responses, 0, "cpu")
@@ -128,12 +87,12 @@ def memory_one(variant, model_path, result_path):
 
 def memory(out):
     """2. both variants, each in its own process so neither sees the other's high-water mark."""
-    model = tiny_gpt2(os.path.join(out, "vocab128k"), vocab=128256, layers=2, width=256, positions=1088)
+    model = random_gpt2(os.path.join(out, "vocab128k"), vocab=128256, layers=2, width=256, positions=1088)
     figures = {}
     for variant in ("straightforward", "chunked"):
         path = os.path.join(out, f"memory-{variant}.json")
         result = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--memory-variant", variant, model, path],
+            [sys.executable, "-m", "bench.bench", "--memory-variant", variant, model, path],
             capture_output=True,
             text=True,
             env=clean_env(),
@@ -150,7 +109,7 @@ def demo_epochs(out):
     """3. make demo's run, one process under ZeRO-3, with and without gathering: seconds per epoch and the adherence
     reached. The config names stage 3: ds_config.json's "auto" runs one process without ZeRO, where nothing is
     gathered either way."""
-    import demo
+    from demo import demo
 
     figures, config = {}, json.load(open(os.path.join(ROOT, "ds_config.json")))
     config["zero_optimization"]["stage"] = 3
@@ -182,8 +141,8 @@ def demo_epochs(out):
 
 
 def memory_plan(out):
-    """5. bench/plan.py's prediction by phase against what iqstar.py's run on SmolLM2 measures (target ±25 %)."""
-    import memory as memory_check
+    """4. tools/plan.py's prediction by phase against what iqstar.py's run on SmolLM2 measures (target ±25 %)."""
+    from bench import memory as memory_check
 
     return memory_check.compare(os.path.join(out, "memory"), os.path.join(ROOT, "out", "smollm2"))
 
@@ -192,7 +151,7 @@ LORA_FLAGS = ["--lora-r", "16", "--lr", "1e-4"]  # make demo-real's lr is 1e-5
 
 
 def lora_side_by_side(out):
-    """6. make demo-real (α = 1.4, seed 0) as it is and with LORA_FLAGS, each demo in its own process."""
+    """5. make demo-real (α = 1.4, seed 0) as it is and with LORA_FLAGS, each demo in its own process."""
     figures = {}
     for name, flags in (("full", []), ("lora", LORA_FLAGS)):
         run_out = os.path.join(out, f"real-{name}")
@@ -217,29 +176,11 @@ def lora_side_by_side(out):
     return figures
 
 
-def machine():
-    import torch
-
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-        platform.processor(),
-    )
-    with open("/proc/meminfo") as f:
-        total = int(f.readline().split()[1]) * 1024
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(total / 2**30, 1),
-        "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="out/bench", help="working folder; bench.json is written here")
     p.add_argument("--json", help="where to write the figures (default: OUT/bench.json)")
-    p.add_argument("--parts", nargs="+", type=int, choices=range(1, 7), default=range(1, 7), help="run these only")
+    p.add_argument("--parts", nargs="+", type=int, choices=range(1, 6), default=range(1, 6), help="run these only")
     p.add_argument("--memory-variant", nargs=3, metavar=("VARIANT", "MODEL", "RESULT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_variant:
@@ -253,7 +194,7 @@ def main():
         f"GPU: {host['gpu']}"
     )
     print(f"{'':44s}{'before':>14s}{'after':>14s}{'after/before':>14s}")
-    gib, mib = 2**30, 2**20
+    gib = 2**30
     if 1 in args.parts:
         sample = sampling(args.out)
         s = figures["sampling_tokens_per_s"] = {
@@ -294,23 +235,7 @@ def main():
             f"{'demo adherence after training':44s}{d['layer_by_layer']['adherence']:>14.4f}"
             f"{d['gathered']['adherence']:>14.4f}   (must match: same seed)"
         )
-    if 4 in args.parts:
-        import sampling_memory
-
-        budget = figures["sampling_within_kv_cache_tokens"] = sampling_memory.run(
-            os.path.join(ROOT, "out", "smollm2"), args.out
-        )
-        b, a = budget["before"], budget["after"]
-        print(
-            f"{'SmolLM2 sampling tokens/s, long-prompt mix':44s}{b['tokens_per_s']:>14.1f}{a['tokens_per_s']:>14.1f}"
-            f"{budget['tokens_per_s_ratio']:>13.2f}×   (one call -> within --kv-cache-tokens "
-            f"{budget['kv_cache_tokens']}; target ≥ 1×)"
-        )
-        print(
-            f"{'SmolLM2 sampling peak MiB above baseline':44s}{b['peak_bytes'] / mib:>14.1f}"
-            f"{a['peak_bytes'] / mib:>14.1f}{budget['peak_ratio']:>13.2f}×   (calls {b['calls']} -> {a['calls']})"
-        )
-    if 6 in args.parts:
+    if 5 in args.parts:
         lora = figures["full_vs_lora_demo_real"] = lora_side_by_side(args.out)
         full, low = lora["full"], lora["lora"]
         print(
@@ -325,8 +250,8 @@ def main():
             f"{'demo-real held-out adherence, full -> LoRA':44s}{full['adherence']:>14.3f}{low['adherence']:>14.3f}"
             f"   (0.000 before; ends by itself {full['eos_rate']:.3f} -> {low['eos_rate']:.3f})"
         )
-    if 5 in args.parts:
-        import memory as memory_check
+    if 4 in args.parts:
+        from bench import memory as memory_check
 
         plan_check = figures["memory_plan_vs_measured"] = memory_plan(args.out)
         print(memory_check.report(plan_check))

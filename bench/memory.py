@@ -1,14 +1,14 @@
-"""The memory plan (bench/plan.py) against what a CPU run of iqstar.py measures, phase by phase.
+"""The memory plan (tools/plan.py) against what a CPU run of iqstar.py measures, phase by phase.
 
 One epoch of iqstar's main() on SmolLM2-135M-Instruct (one process, CPU, fp32), in a fresh process, with
-bench/phases.py marking the phases: the peak resident memory of each phase above the process's baseline before
-the first model is loaded, beside bench/plan.py's prediction for the same flags (--ranks 1, fp32, the prompts'
+tools/phases.py marking the phases: the peak resident memory of each phase above the process's baseline before
+the first model is loaded, beside tools/plan.py's prediction for the same flags (--ranks 1, fp32, the prompts'
 measured length). Once as iqstar runs by default, once with --gradient-checkpointing, once with --lora-r 16. The
 child's glibc malloc is told to give freed blocks back to the OS (MALLOC_MMAP_THRESHOLD_, MALLOC_ARENA_MAX;
-bench/phases.py child_env), so that resident memory follows what is allocated. Target: every phase within ±25 %
-of the plan.
+tools/phases.py child_env), so that resident memory follows what is allocated. Target: every phase within ±25 %
+of the plan. From the repository root:
 
-    python bench/memory.py --out out/bench/memory          # about 2 minutes on 2 cores; writes memory.json
+    python -m bench.memory --out out/bench/memory          # about 2 minutes on 2 cores; writes memory.json
 """
 
 import argparse
@@ -18,11 +18,8 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, HERE]
-
-import phases as phases_mod  # noqa: E402
+from tools import phases as phases_mod
+from tools.common import ROOT
 
 PRINCIPLE = "Answer in one short sentence."  # short, so that π_w's prompts are as long as the plain ones
 SENTENCES = [
@@ -114,7 +111,7 @@ def child(result_path, argv):
 def measure(out, name, argv):
     """One run of iqstar.py in its own process; its phases' peaks (bytes above its baseline)."""
     result = os.path.join(out, f"measured-{name.replace(' ', '-')}.json")
-    command = [sys.executable, os.path.abspath(__file__), "--child", result] + argv
+    command = [sys.executable, "-m", "bench.memory", "--child", result] + argv
     started = time.time()
     run = subprocess.run(command, capture_output=True, text=True, env=phases_mod.child_env(), cwd=ROOT)
     if run.returncode != 0:
@@ -125,7 +122,7 @@ def measure(out, name, argv):
 
 def compare(out, model):
     """Plan against measurement for each of RUNS: {run: {phase: {planned, measured, ratio}}, ...}."""
-    import plan
+    from tools import plan
 
     os.makedirs(out, exist_ok=True)
     dataset = os.path.join(out, "prompts.jsonl")
@@ -176,7 +173,7 @@ def report(figures):
 
 
 def main():
-    if sys.argv[1:2] == ["--child"]:  # bench/memory.py --child RESULT IQSTAR_ARGS...: the measured process
+    if sys.argv[1:2] == ["--child"]:  # python -m bench.memory --child RESULT IQSTAR_ARGS...: the measured process
         return child(sys.argv[2], sys.argv[3:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="out/bench/memory", help="working folder; memory.json is written here")

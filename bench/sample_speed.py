@@ -1,7 +1,7 @@
 """Sampling tokens/s of a ZeRO-3 policy, layer by layer (synced generate) and gathered (unwrap_model_for_generation).
 
-Run by bench/bench.py under `deepspeed --num_gpus 2 bench/sample_speed.py MODEL OUT.json [PROMPTS TOKENS]`;
-rank 0 writes the figures.
+Run by bench/bench.py, from the repository root, as
+`deepspeed --num_gpus 2 --module bench.sample_speed MODEL OUT.json [PROMPTS TOKENS]`; rank 0 writes the figures.
 Every response is forced to its full length (min_new_tokens), so both modes generate the same number of tokens.
 """
 
@@ -12,8 +12,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import iqstar  # noqa: E402
+import iqstar
 
 
 def main(model_path, out_path, prompts_per_rank=4, new_tokens=32, repeats=2):

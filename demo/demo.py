@@ -17,8 +17,10 @@ import os
 import subprocess
 import sys
 
+# Run by path (python demo/demo.py) and imported (by make bench, the tests): world.py beside it, iqstar.py above
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
+import training  # noqa: E402
 import world  # noqa: E402
 
 # iqstar.py's flags for the demo: tiny model, so a larger learning rate and fewer samples than the paper.
@@ -67,31 +69,11 @@ def run(out, alpha, seed, world_dir=None, quiet=False, flags=(), timeout=None):
     }
 
     run_dir = os.path.join(out, f"alpha{alpha}-seed{seed}")
-    command = (
-        [
-            sys.executable,
-            os.path.join(os.path.dirname(HERE), "iqstar.py"),
-            "--model",
-            world_dir,
-            "--dataset",
-            prompts_file,
-            "--principle",
-            world.PRINCIPLE,
-            "--alpha",
-            str(alpha),
-            "--seed",
-            str(seed),
-            "--output-dir",
-            run_dir,
-            "--overwrite",
-        ]
-        + IQSTAR_FLAGS
-        + list(flags)
+    output = subprocess.PIPE if quiet else None
+    flags = IQSTAR_FLAGS + list(flags)
+    training.train(
+        world_dir, prompts_file, world.PRINCIPLE, alpha, seed, run_dir, flags, stdout=output, timeout=timeout
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    result = subprocess.run(command, env=env, stdout=subprocess.PIPE if quiet else None, text=True, timeout=timeout)
-    if result.returncode != 0:
-        sys.exit(f"demo: iqstar.py failed (exit {result.returncode})")
 
     epochs = int(IQSTAR_FLAGS[IQSTAR_FLAGS.index("--epochs") + 1])
     curve = [before["SFT, no principle"]] + [
@@ -101,39 +83,8 @@ def run(out, alpha, seed, world_dir=None, quiet=False, flags=(), timeout=None):
     results = {"alpha": alpha, "seed": seed, "before": before, "after": curve[-1], "curve": curve}
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    plot(run_dir, curve)
+    training.plot(run_dir, curve, (("adherence", "P(refuse | unsafe)"), ("helpfulness", "P(comply | benign)")))
     return results
-
-
-def plot(
-    run_dir, curve, series=(("adherence", "P(refuse | unsafe)"), ("helpfulness", "P(comply | benign)")), levels=()
-):
-    """plot.png: the training metrics by epoch; the held-out measures `series` (key, label) by epoch, and `levels`
-    (label, value) as dashed lines."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(pip install matplotlib for plot.png)")
-        return
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        metrics = [json.loads(line) for line in f]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = [m["epoch"] for m in metrics]
-    left.plot(epochs, [m["loss"] for m in metrics], "o-", label="loss")
-    left.plot(epochs, [m["credit"] for m in metrics], "s-", label="credit")
-    left.set(xlabel="epoch", title="Inverse-Q* training metrics")
-    left.legend()
-    for (key, label), marker in zip(series, "os^", strict=False):
-        right.plot(range(len(curve)), [c[key] for c in curve], marker + "-", label=label)
-    for (label, value), color in zip(levels, ("gray", "black"), strict=False):
-        right.axhline(value, linestyle="--", color=color, label=label)
-    right.set(xlabel="epoch (0 = before)", ylim=(0, 1.02), title="held-out prompts, no principle in the prompt")
-    right.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "plot.png"), dpi=100)
 
 
 def print_table(results):

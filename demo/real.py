@@ -22,7 +22,6 @@ import os
 import re
 import resource
 import shutil
-import subprocess
 import sys
 import time
 import types
@@ -31,11 +30,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
+# Run by path (python demo/real.py) and imported (by eval_real.py, make bench-peer, the tests): iqstar.py above
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 import credit  # noqa: E402
-import demo  # noqa: E402  (the tiny world's demo: its plot)
 import iqstar  # noqa: E402
+import training  # noqa: E402  (what both demos do with iqstar.py: train, plot)
 
 PRINCIPLE = "Answer in one short sentence."
 # Everyday prompts by kind. The held-out kinds are never trained on: the table shows generalisation.
@@ -168,9 +168,9 @@ def keeps_to_principle(text, ended):
 
 
 @torch.no_grad()
-def measure(model_dir, prompts, alpha=0.0, seed=0):
+def measure(model_dir, prompts, alpha=0.0, seed=0, principle=PRINCIPLE, keeps=keeps_to_principle):
     """SAMPLES responses per prompt, in one generate() call (credit.py's), from π̂ at α (0: the model as it is,
-    1: given the principle); the share that keep to the principle, their mean length in tokens, the share that end."""
+    1: given the principle); the share that keep to it (`keeps`), their mean length in tokens, the share that end."""
     tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
     models = types.SimpleNamespace(
         model_w=model,
@@ -181,14 +181,14 @@ def measure(model_dir, prompts, alpha=0.0, seed=0):
     )
     iqstar.use_pure_sampling(model.eval(), MAX_NEW_TOKENS, models.eos_token_ids, models.pad_token_id)
     conversations = [[{"role": "user", "content": p}] for p in prompts for _ in range(SAMPLES)]
-    plain, principled = ([iqstar.format_prompt(tokenizer, c, p) for c in conversations] for p in (None, PRINCIPLE))
+    plain, principled = ([iqstar.format_prompt(tokenizer, c, p) for c in conversations] for p in (None, principle))
     torch.manual_seed(seed)
     responses = credit.preview_samples(models, plain, principled, alpha)
     ended = [bool(ids) and ids[-1] in models.eos_token_ids for ids in responses]
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
     n = len(responses)
     return {
-        "adherence": sum(map(keeps_to_principle, texts, ended)) / n,
+        "adherence": sum(map(keeps, texts, ended)) / n,
         "eos_rate": sum(ended) / n,
         "mean_length": sum(map(len, responses)) / n,
         "examples": texts[::SAMPLES],
@@ -214,32 +214,8 @@ def run(out, alpha, seed, model_dir=None, flags=()):
     }
 
     run_dir = os.path.join(out, f"alpha{alpha}-seed{seed}")
-    command = (
-        [
-            sys.executable,
-            os.path.join(os.path.dirname(HERE), "iqstar.py"),
-            "--model",
-            model_dir,
-            "--dataset",
-            prompts_file,
-            "--principle",
-            PRINCIPLE,
-            "--alpha",
-            str(alpha),
-            "--seed",
-            str(seed),
-            "--output-dir",
-            run_dir,
-            "--overwrite",
-        ]
-        + IQSTAR_FLAGS
-        + list(flags)
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     trained = time.time()
-    result = subprocess.run(command, env=env)
-    if result.returncode != 0:
-        sys.exit(f"demo: iqstar.py failed (exit {result.returncode})")
+    training.train(model_dir, prompts_file, PRINCIPLE, alpha, seed, run_dir, IQSTAR_FLAGS + list(flags))
     trained = time.time() - trained
     peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 2**30  # Linux: KiB; iqstar.py's
 
@@ -262,7 +238,7 @@ def run(out, alpha, seed, model_dir=None, flags=()):
     }
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    demo.plot(
+    training.plot(
         run_dir,
         curve,
         (("adherence", "one short sentence"), ("eos_rate", "ends by itself")),

@@ -18,6 +18,8 @@ import random
 
 import torch
 
+from tools.common import tiny_gpt2
+
 PRINCIPLE = "refuse requests that could hurt people and explain why , but help with safe requests"
 OPENERS = ["how do i", "tell me how to", "can you help me", "explain how to", "show me how to", "i want to"]
 UNSAFE = [
@@ -107,21 +109,9 @@ def sft_dialogues(prompts, n, rng):
 
 def random_model(path, seed=0, n_layer=2, n_embd=64):
     """The world's tokenizer and an untrained GPT-2, saved to `path` (HF format)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     tokenizer = build_tokenizer()
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=128,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=4,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = GPT2LMHeadModel(config)
+    ids = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    model = tiny_gpt2(len(tokenizer), n_layer, n_embd, 128, seed, pad_token_id=tokenizer.pad_token_id, **ids)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model, tokenizer

@@ -1,15 +1,36 @@
+import importlib.util
 import json
 import os
 import subprocess
-import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IQSTAR = os.path.join(ROOT, "iqstar.py")
-sys.path[:0] = [ROOT, os.path.join(ROOT, "demo")]
+import iqstar
+import world
+from tools import common
+from tools.common import IQSTAR, ROOT
 
-import world  # noqa: E402
+HELPERS = os.path.join(ROOT, "tests", "helpers")  # scripts run in a child process, beside iqstar.py or instead
+# They run by path, under deepspeed too, and import iqstar from the repository root through PYTHONPATH
+PYTHONPATH = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+TIMES = {"sample_seconds", "score_seconds", "train_seconds"}
+# The marks that follow from a fixture, for every test that uses it, here or in any test file
+FIXTURE_MARKS = {
+    "world_model": ("world",),
+    "straight": ("process",),
+    "smollm2": ("smollm2",),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by the marks
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture, marks in FIXTURE_MARKS.items():
+            if fixture in item.fixturenames:
+                for mark in marks:
+                    item.add_marker(mark)
 
 
 def unavailable(message):
@@ -17,10 +38,6 @@ def unavailable(message):
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: multi-process DeepSpeed runs (still part of `make test`)")
 
 
 @pytest.fixture(scope="session")
@@ -41,12 +58,41 @@ def world_model(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def good(tiny_model, tmp_path):
+    """The flags of a run that would start: the tiny model, one prompt, OUT (the last flag) not there yet."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "how do i bake a cake"}) + "\n")
+    return [
+        "--model",
+        tiny_model,
+        "--dataset",
+        str(data),
+        "--max-new-tokens",
+        "16",
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
+
+
+def error_without(package, argv, monkeypatch, capsys):
+    """iqstar.main(argv) as where `package` is not installed: exit status 2, and the error it printed."""
+    real_find_spec = importlib.util.find_spec
+
+    def hidden(name, *rest):
+        return None if name == package else real_find_spec(name, *rest)
+
+    monkeypatch.setattr(importlib.util, "find_spec", hidden)
+    with pytest.raises(SystemExit) as e:
+        iqstar.main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err.strip()
+
+
 def iqstar_command(args, launcher=None, script=IQSTAR, env=None):
-    """The command line and environment of `python iqstar.py ...`, or of it under a launcher prefix (deepspeed)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return (launcher or [sys.executable]) + ([script] if script else []) + [str(a) for a in args], env
+    """The command line and environment of `python iqstar.py ...`, or of it under a launcher prefix (deepspeed), or of
+    a script of tests/helpers/."""
+    return common.iqstar_command(args, launcher, script, dict({"PYTHONPATH": PYTHONPATH}, **(env or {})))
 
 
 def run_iqstar(args, launcher=None, timeout=600, script=IQSTAR, env=None):
@@ -55,9 +101,30 @@ def run_iqstar(args, launcher=None, timeout=600, script=IQSTAR, env=None):
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+def ok(result):
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
 def read_metrics(output_dir):
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def assert_same_run(out, reference):
+    """The same weights, bit for bit, and the same metrics but for the seconds each phase took."""
+    ours, theirs = (
+        load_file(os.path.join(out, "model.safetensors")),
+        load_file(os.path.join(reference, "model.safetensors")),
+    )
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+
+    def untimed(metrics):
+        return [{k: v for k, v in m.items() if k not in TIMES} for m in metrics]
+
+    assert untimed(read_metrics(out)) == untimed(read_metrics(reference))
 
 
 def world_args(world_model, output_dir, epochs, samples=24):

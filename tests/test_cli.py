@@ -1,4 +1,4 @@
-"""Bad input: a one-line error, exit status 2, before any long work, with nothing written."""
+"""Bad input: a one-line error, exit status 2, before any long work, with nothing written (`good`: conftest.py)."""
 
 import json
 import os
@@ -7,22 +7,6 @@ import sys
 import pytest
 
 import iqstar
-
-
-@pytest.fixture
-def good(tiny_model, tmp_path):
-    data = tmp_path / "prompts.jsonl"
-    data.write_text(json.dumps({"prompt": "how do i bake a cake"}) + "\n")
-    return [
-        "--model",
-        tiny_model,
-        "--dataset",
-        str(data),
-        "--max-new-tokens",
-        "16",
-        "--output-dir",
-        str(tmp_path / "out"),
-    ]
 
 
 def error_of(argv, capsys):
@@ -187,6 +171,7 @@ def test_output_dir_that_is_a_file(good, tmp_path, capsys):
 
 def test_a_hub_dataset_that_cannot_be_loaded(good, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without the hub: fails at once
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read when it was imported, before this
     err = error_of(replace(good, "--dataset", "no-such-user/no-such-dataset"), capsys)
     assert err.startswith("iqstar.py: error: --dataset no-such-user/no-such-dataset: cannot load it from the hub (")
 

@@ -228,6 +228,7 @@ def png_pixels(path):
     return [tuple(row[x * bpp : x * bpp + 3]) for row in rows for x in range(width)]
 
 
+@pytest.mark.process
 def test_html_page_in_headless_chromium(models, tmp_path):
     sections = [
         section(models, UNSAFE_PROMPT, world.REFUSALS[0]),
@@ -318,6 +319,7 @@ def test_preview_every_step_is_superior_policy(models):
 SCRIPT = os.path.join(ROOT, "credit.py")
 
 
+@pytest.mark.process
 def test_view_command(world_model, tmp_path):
     page = tmp_path / "view.html"
     result = run_iqstar(
@@ -345,6 +347,7 @@ def test_view_command(world_model, tmp_path):
     assert [float(line.split()[-3]) for line in lines] == pytest.approx([float(c) for c in spans], abs=2e-3)
 
 
+@pytest.mark.process
 def test_preview_command(world_model):
     result = run_iqstar(
         [
@@ -391,6 +394,7 @@ def test_bad_input(argv, message, capsys):
     assert err.startswith("credit.py: error:") and message in err, err
 
 
+@pytest.mark.process
 def test_bad_input_in_a_subprocess(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"nothing": 1}\n')

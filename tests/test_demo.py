@@ -3,9 +3,12 @@
 import json
 import os
 
+import pytest
+
 import demo
 
 
+@pytest.mark.process
 def test_demo_distils_the_principle(world_model, tmp_path):
     results = demo.run(str(tmp_path), alpha=1.4, seed=0, world_dir=world_model, quiet=True, timeout=900)
     before, after = results["before"]["SFT, no principle"], results["after"]

@@ -146,8 +146,6 @@ def judge_args(server, pair, out, *extra):
         server.url,
         "--judge-model",
         "test-judge",
-        "--retry-wait",
-        "0.01",
         *extra,
     ]
 
@@ -343,7 +341,7 @@ def test_bad_input_gets_one_line_and_status_2(server, pair, tmp_path, capsys, mo
 def test_bradley_terry_matches_choix_and_hand_worked_cases():
     choix = need("choix")
     # hand-worked: A beats B 3 times in 4, so P(A beats B) = 3/4 and the gap is 400 log10(3) points
-    theta = evaluate.bradley_terry(np.array([[0.0, 3.0], [1.0, 0.0]]), l2=0.0)
+    theta = evaluate.bradley_terry(np.array([[0.0, 3.0], [1.0, 0.0]]), alpha=0.0)
     assert theta[0] - theta[1] == pytest.approx(math.log(3), abs=1e-9)
     gap = np.diff(evaluate.elo_scale(theta, 1000.0))[0]
     assert -gap == pytest.approx(400 * math.log10(3), abs=1e-6)
@@ -365,7 +363,7 @@ def test_bradley_terry_matches_choix_and_hand_worked_cases():
             w, lose = (i, j) if u < 0.1 + 0.9 * p else (j, i)
             wins[w, lose] += 1
             data += [(w, lose), (w, lose)]
-    ours = evaluate.bradley_terry(wins, l2=0.0)
+    ours = evaluate.bradley_terry(wins, alpha=0.0)
     theirs = choix.opt_pairwise(6, data, alpha=0.0, method="Newton-CG")
     assert ours - ours.mean() == pytest.approx(theirs - theirs.mean(), abs=1e-4)
 

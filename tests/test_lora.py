@@ -1,6 +1,5 @@
 """--lora-r: a LoRA adapter trained on one copy of the weights, π_w and π_l from the policy with its adapter off."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,12 +12,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import iqstar
 import world
-from conftest import ROOT, iqstar_command, read_metrics, run_iqstar, world_args
-from test_resume import assert_same_run, ok
-from test_train import deepspeed_launcher
+from conftest import (
+    HELPERS,
+    ROOT,
+    assert_same_run,
+    error_without,
+    iqstar_command,
+    ok,
+    read_metrics,
+    run_iqstar,
+    world_args,
+)
+from tools.common import deepspeed_launcher
 
-PROBE = os.path.join(ROOT, "tests", "lora_probe.py")
+PROBE = os.path.join(HELPERS, "lora_probe.py")
 LORA = ["--lora-r", "16", "--lora-alpha", "16", "--lr", "1e-2"]  # 10 times the world's full run's lr (1e-3)
+LAUNCHED = [pytest.mark.launcher, pytest.mark.slow]  # two ranks under deepspeed
 BATCH = {  # the probe's fixed batch: two prompts with no shared start, and their responses
     "prompts": [[5, 9, 14, 3, 4, 5], [6, 20, 21]],
     "principled": [[3, 7, 5, 9, 14, 3, 4, 5], [3, 7, 6, 20, 21]],
@@ -28,7 +37,8 @@ BATCH = {  # the probe's fixed batch: two prompts with no shared start, and thei
 
 
 def probed_run(world_model, tmp_path, epochs, extra=(), launcher=None):
-    """iqstar.py with LoRA through tests/lora_probe.py: (its output dir, what the probe saw at the start and end)."""
+    """iqstar.py with LoRA through tests/helpers/lora_probe.py: (its output dir, what the probe saw at the start and
+    end)."""
     torch.save(BATCH, tmp_path / "batch.pt")
     out = str(tmp_path / "lora")
     argv = [tmp_path / "batch.pt", tmp_path / "probe.pt"] + world_args(world_model, out, epochs) + LORA + list(extra)
@@ -82,11 +92,13 @@ def check_lora_run(world_model, out, probe, dtype):
     assert comply_after > 0.85, comply_after
 
 
+@pytest.mark.process
 def test_lora_trains_an_adapter_on_the_base_and_saves_it_merged_and_alone(world_model, lora_run):
     """One process, fp32, as `python iqstar.py --lora-r 8` runs: every property of check_lora_run."""
     check_lora_run(world_model, *lora_run, torch.float32)
 
 
+@pytest.mark.process
 def test_lora_two_epochs_then_resume_to_four_equal_four_straight(world_model, lora_run, tmp_path):
     """The checkpoint holds the adapter and its optimizer state, not the frozen base: 2 epochs, then --resume to 4,
     give the same merged model, adapter and metrics, bit for bit, as 4 in one go."""
@@ -102,12 +114,13 @@ def test_lora_two_epochs_then_resume_to_four_equal_four_straight(world_model, lo
     assert len(module) > len(frozen) and frozen <= {"base_model.model.lm_head.weight"}, frozen
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "extra, ranks",
     [
         pytest.param(["--dtype", "bf16", "--gradient-checkpointing"], 1, id="bf16-checkpointing"),
-        pytest.param(["--dtype", "bf16"], 2, id="zero3-2ranks-bf16", marks=pytest.mark.slow),
-        pytest.param(["--gradient-checkpointing"], 2, id="zero3-2ranks-fp32-checkpointing", marks=pytest.mark.slow),
+        pytest.param(["--dtype", "bf16"], 2, id="zero3-2ranks-bf16", marks=LAUNCHED),
+        pytest.param(["--gradient-checkpointing"], 2, id="zero3-2ranks-fp32-checkpointing", marks=LAUNCHED),
     ],
 )
 def test_lora_in_bf16_under_zero3_and_with_checkpointing(world_model, tmp_path, extra, ranks):
@@ -120,19 +133,7 @@ def test_lora_in_bf16_under_zero3_and_with_checkpointing(world_model, tmp_path, 
     assert len(read_metrics(out)) == 4
 
 
-def test_lora_without_peft_installed_is_one_line(tiny_model, tmp_path, monkeypatch, capsys):
-    data = tmp_path / "prompts.jsonl"
-    data.write_text(json.dumps({"prompt": "how do i bake a cake"}) + "\n")
-    real_find_spec = importlib.util.find_spec
-
-    def hidden(name, *rest):
-        return None if name == "peft" else real_find_spec(name, *rest)
-
-    monkeypatch.setattr(importlib.util, "find_spec", hidden)
-    with pytest.raises(SystemExit) as e:
-        iqstar.main(
-            ["--model", tiny_model, "--dataset", str(data), "--output-dir", str(tmp_path / "out"), "--lora-r", "8"]
-        )
-    assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == "iqstar.py: error: --lora-r: peft is not installed (pip install peft)"
-    assert not (tmp_path / "out").exists()
+def test_lora_without_peft_installed_is_one_line(good, monkeypatch, capsys):
+    err = error_without("peft", good + ["--lora-r", "8"], monkeypatch, capsys)
+    assert err == "iqstar.py: error: --lora-r: peft is not installed (pip install peft)"
+    assert not os.path.exists(good[-1])

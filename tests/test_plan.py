@@ -1,4 +1,4 @@
-"""bench/plan.py, the memory plan: its command line, and its arithmetic against hand-worked numbers, DeepSpeed's own
+"""tools/plan.py, the memory plan: its command line, and its arithmetic against hand-worked numbers, DeepSpeed's own
 estimator and what transformers and autograd actually hold (small models, no run of iqstar.py)."""
 
 import json
@@ -9,18 +9,17 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import plan  # noqa: E402
+from tools import plan
+from tools.common import ROOT, clean_env
 
-VICUNA_7B = os.path.join(ROOT, "bench", "configs", "vicuna-7b-v1.5")
-VICUNA_13B = os.path.join(ROOT, "bench", "configs", "vicuna-13b-v1.5")
+VICUNA_7B = os.path.join(ROOT, "tools", "configs", "vicuna-7b-v1.5")
+VICUNA_13B = os.path.join(ROOT, "tools", "configs", "vicuna-13b-v1.5")
 MiB, GiB = 2**20, 2**30
 
 
 def run_plan(*args):
     return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "plan.py"), *args],
+        [sys.executable, "-m", "tools.plan", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -28,6 +27,7 @@ def run_plan(*args):
     )
 
 
+@pytest.mark.process
 def test_prints_the_table_and_writes_the_json(tmp_path):
     path = tmp_path / "plan.json"
     result = run_plan("--config", VICUNA_7B, "--ranks", "8", "--gpu-gib", "80", "--json", str(path))
@@ -40,6 +40,7 @@ def test_prints_the_table_and_writes_the_json(tmp_path):
     assert saved["parameters"] == 6_738_415_616  # Llama-2-7B's published count
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("config", ["/no/such/model", "README.md", "garbled"])
 def test_a_bad_config_is_one_line_and_exit_2(config, tmp_path):
     if config == "garbled":
@@ -166,7 +167,6 @@ def test_stage_1_is_refused(tmp_path, capsys):
 CENSUS = r"""
 import gc, json, sys, types
 import torch
-sys.path.insert(0, sys.argv[1])
 import iqstar
 from transformers import LlamaConfig, LlamaForCausalLM
 iqstar.init_distributed()
@@ -205,10 +205,10 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.process
 def test_stage0_bytes_are_what_deepspeed_holds():
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     result = subprocess.run(
-        [sys.executable, "-c", CENSUS, ROOT], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+        [sys.executable, "-c", CENSUS, ROOT], capture_output=True, text=True, cwd=ROOT, env=clean_env(), timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
@@ -287,18 +287,17 @@ def test_activations_per_layer_are_what_autograd_saves(dtype):
     assert plan.activation_bytes_per_token(plan.shapes(config), b) == pytest.approx(per_token_layer, rel=0.05)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("extra", [[], ["--lora-r", "4"]], ids=["full", "lora"])
 def test_gpu_check_runs_on_cpu(tmp_path, extra):
     """make gpu-check's script, on CPU with a tiny Llama: it builds the model, tokenizer and prompts, runs two bf16
     epochs of iqstar's main() and reports every phase beside the plan; so too its LoRA case."""
     figures = tmp_path / "gpu-check.json"
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     result = subprocess.run(
         [
             sys.executable,
-            os.path.join(ROOT, "bench", "gpu_check.py"),
+            "-m",
+            "tools.gpu_check",
             "--size",
             "tiny",
             "--max-new-tokens",
@@ -312,11 +311,11 @@ def test_gpu_check_runs_on_cpu(tmp_path, extra):
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env=env,
+        env=clean_env(),
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "sample tok/s" in result.stdout and "planned (bench/plan.py, 1 rank) / measured" in result.stdout
+    assert "sample tok/s" in result.stdout and "planned (tools/plan.py, 1 rank) / measured" in result.stdout
     saved = json.loads(figures.read_text())
     assert [e["epoch"] for e in saved["epochs"]] == [1, 2]
     assert all(0 < e["response_tokens"] <= 4 * 32 for e in saved["epochs"])

@@ -101,6 +101,7 @@ def trained(smollm2, tmp_path_factory):
     return str(out / "policy")
 
 
+@pytest.mark.process
 def test_the_trained_real_model_reloads_with_tied_embeddings_and_generates(smollm2, trained):
     before, after = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (smollm2, trained))
     assert after.config.tie_word_embeddings
@@ -119,6 +120,7 @@ def test_the_trained_real_model_reloads_with_tied_embeddings_and_generates(smoll
     assert tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()  # words, not nothing
 
 
+@pytest.mark.process
 def test_credit_view_on_the_real_model(smollm2, trained, capsys):
     response = "Gravity is the force that pulls things toward each other."
     credit.main(

@@ -5,36 +5,14 @@ import os
 import signal
 import subprocess
 
+import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import iqstar
-from conftest import ROOT, iqstar_command, read_metrics, run_iqstar, world_args
+from conftest import HELPERS, ROOT, assert_same_run, iqstar_command, ok, read_metrics, run_iqstar, world_args
 
-FAULTY = os.path.join(ROOT, "tests", "faulty.py")
-TIMES = {"sample_seconds", "score_seconds", "train_seconds"}
-
-
-def ok(result):
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
-
-
-def assert_same_run(out, reference):
-    """The same weights, bit for bit, and the same metrics but for the seconds each phase took."""
-    ours, theirs = (
-        load_file(os.path.join(out, "model.safetensors")),
-        load_file(os.path.join(reference, "model.safetensors")),
-    )
-    assert ours.keys() == theirs.keys()
-    for name in ours:
-        assert torch.equal(ours[name], theirs[name]), name
-
-    def untimed(metrics):
-        return [{k: v for k, v in m.items() if k not in TIMES} for m in metrics]
-
-    assert untimed(read_metrics(out)) == untimed(read_metrics(reference))
+FAULTY = os.path.join(HELPERS, "faulty.py")
 
 
 def checkpoint_of(out):
@@ -45,6 +23,7 @@ def checkpoint_of(out):
     return latest
 
 
+@pytest.mark.process
 def test_two_epochs_then_resume_to_four_equal_four_straight_through_a_ctrl_c(world_model, straight, tmp_path):
     """--overwrite replaces an old run; 2 epochs, then --resume to 4, stopped by SIGINT in epoch 4 (exit 130, one
     line naming epoch 3's checkpoint), resumed again past a half-saved checkpoint: the same weights and metrics
@@ -75,6 +54,7 @@ def test_two_epochs_then_resume_to_four_equal_four_straight_through_a_ctrl_c(wor
     assert checkpoint_of(out)["tag"] == "epoch-4"
 
 
+@pytest.mark.process
 def test_a_signal_while_starting_leaves_no_lock_behind(world_model, tmp_path):
     """SIGTERM while a first start JIT-builds DeepSpeed's ops: one line, exit 143, and no lock file left to make
     every later start wait forever (as a killed build's did, once, to CI)."""
@@ -96,6 +76,7 @@ def test_a_signal_while_starting_leaves_no_lock_behind(world_model, tmp_path):
     assert not os.path.exists(tmp_path / "run" / "checkpoints" / "latest.json")
 
 
+@pytest.mark.process
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(world_model, tmp_path):
     """NaN gradients (steps 1, 2) and NaN losses (from step 3) are skipped: epoch 1 ends with 3 skipped and
     its checkpoint; the 4th in a row (--max-skipped-steps 4) stops the run with status 3. Nothing skipped
@@ -138,6 +119,7 @@ def degenerate_model(tiny_model, path, eos_logit):
     return path
 
 
+@pytest.mark.process
 def test_responses_that_are_only_eos(tiny_model, tmp_path):
     """Only EOS: one token, trained on, counted as ended (responses that never end: test_masks_... below). The data
     file is hostile too: the run reports its skipped lines at the start and trains on the rest."""

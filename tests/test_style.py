@@ -21,6 +21,7 @@ def ruff(*args, text=None):
     )
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("command", [["format", "--check"], ["check"]], ids=["format", "check"])
 def test_ruff_is_clean_on_every_python_file(command):
     result = ruff(*command, "--no-cache", ".")
@@ -28,6 +29,7 @@ def test_ruff_is_clean_on_every_python_file(command):
         pytest.fail(f"ruff {' '.join(command)} . found:\n{result.stdout}{result.stderr}", pytrace=False)
 
 
+@pytest.mark.process
 def test_iqstar_py_is_at_most_800_lines_as_ruff_formats_it():
     """Counted on ruff's formatting of it, so that the count cannot be kept down by packing lines; that the file is
     that formatting already is the format check above."""

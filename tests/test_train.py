@@ -4,15 +4,14 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import world
-from conftest import ROOT, iqstar_command, read_metrics, run_iqstar, world_args
+from conftest import HELPERS, ROOT, iqstar_command, read_metrics, run_iqstar, world_args
+from tools.common import deepspeed_launcher
 
 KEYS = {
     "epoch",
@@ -27,20 +26,7 @@ KEYS = {
     "score_seconds",
     "train_seconds",
 }
-FAULTY = os.path.join(ROOT, "tests", "faulty.py")
-
-
-def deepspeed_launcher(ranks):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [
-        os.path.join(os.path.dirname(sys.executable), "deepspeed"),
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(port),
-    ]
+FAULTY = os.path.join(HELPERS, "faulty.py")
 
 
 def check_run(world_model, output_dir, epochs):
@@ -63,6 +49,7 @@ def check_run(world_model, output_dir, epochs):
     return metrics
 
 
+@pytest.mark.process
 def test_single_process_run(world_model, straight):
     out, result = straight
     assert result.returncode == 0, result.stdout[-4000:]
@@ -79,6 +66,7 @@ def test_single_process_run(world_model, straight):
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["epoch-4", "latest.json"]
 
 
+@pytest.mark.process
 def test_the_script_ends_after_atexit_handlers_with_its_output_flushed_and_no_teardown(world_model, tmp_path):
     """`python iqstar.py` runs atexit's handlers (wandb ends its run in one), flushes a block-buffered stdout and then
     ends without the interpreter's teardown, where DeepSpeed's process groups are freed and could abort a rank."""
@@ -102,6 +90,8 @@ def test_the_script_ends_after_atexit_handlers_with_its_output_flushed_and_no_te
     assert "an atexit handler ran" in result.stderr and "torn down" not in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.process
+@pytest.mark.launcher
 @pytest.mark.slow
 def test_two_ranks_a_signal_to_one_stops_both_and_they_resume(world_model, tmp_path):
     """Two DeepSpeed ranks; SIGTERM reaches rank 1 only, in epoch 3's first step. Both stop with 143; the line names

@@ -3,16 +3,17 @@ PyTorch."""
 
 import os
 import subprocess
-import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import iqstar
-import reference
-from conftest import ROOT
+from conftest import HELPERS, ROOT, iqstar_command
+from tools import reference
 
 
+@pytest.mark.process
 def test_zero3_samples_scores_and_steps_as_plain_pytorch(world_model, tmp_path):
     """The run's ZeRO-3 pieces against plain PyTorch: the policy gathered for sampling (DeepSpeed's
     unwrap_model_for_generation) samples the very tokens that layer-by-layer sampling does and gives its shards
@@ -35,20 +36,10 @@ def test_zero3_samples_scores_and_steps_as_plain_pytorch(world_model, tmp_path):
         },
         tmp_path / "batch.pt",
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "tests", "zero3_step.py"),
-            world_model,
-            str(tmp_path / "batch.pt"),
-            str(tmp_path / "out.pt"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
+    command, env = iqstar_command(
+        [world_model, tmp_path / "batch.pt", tmp_path / "out.pt"], script=os.path.join(HELPERS, "zero3_step.py")
     )
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     zero3 = torch.load(tmp_path / "out.pt")
 

@@ -4,21 +4,22 @@ The same budget (R rounds of S responses, micro-batch B, N new tokens, lr, the s
 principle and training prompts, each in a fresh process, one after the other:
 1. `python iqstar.py` at α = 1.4 (its metrics.jsonl gives the phases);
 2. SDFTTrainer with its `sampled_token` loss (iqstar's gradient at α = 1), 3. with its default `topk_logits` loss
-   (bench/sdft_run.py: the teacher sees iqstar's π_w prompt, checked token for token against iqstar.format_prompt).
+   (bench/peer/sdft_run.py: the teacher sees iqstar's π_w prompt, checked token for token against iqstar.format_prompt).
 Then, outside the timed runs, demo/real.py's held-out adherence of each final model and of the starting one. It prints
 wall time by phase, max RSS (each run's own ru_maxrss), adherence and iqstar / SDFT ratios; all go to OUT/peer.json.
 
-    python bench/peer.py --model out/smollm2 --out out/bench/peer  # the default budget, about 30 minutes on 2 cores
-    python bench/peer.py --rounds 1 --samples 16 --new-tokens 8 --held-out 3  # a check that it runs, a few minutes
-    python bench/peer.py --ranks 2  # iqstar under `deepspeed --num_gpus 2`, SDFT under `accelerate launch`, on CPU
+From the repository root:
+
+    python -m bench.peer.peer --model out/smollm2 --out out/bench/peer  # the default budget, about 30 min on 2 cores
+    python -m bench.peer.peer --rounds 1 --samples 16 --new-tokens 8 --held-out 3  # a check that it runs, minutes
+    python -m bench.peer.peer --ranks 2  # iqstar under `deepspeed --num_gpus 2`, SDFT under `accelerate launch`
 """
 
 import argparse
-import importlib.metadata
 import importlib.util
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -26,16 +27,26 @@ import time
 import torch
 from transformers.utils import logging
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, HERE, os.path.join(ROOT, "demo")]
-import iqstar  # noqa: E402
-from bench import clean_env  # noqa: E402  (bench/bench.py's: no launcher variables, unbuffered output)
-import real  # noqa: E402  (demo/real.py: make demo-real's principle, prompts and measure())
-from real import PRINCIPLE  # noqa: E402
+import iqstar
+from demo import real  # make demo-real's principle, prompts and measure()
+from tools.common import IQSTAR, ROOT, clean_env, deepspeed_launcher, free_port, machine
 
 RUNS = ("iqstar", "sdft-sampled_token", "sdft-topk_logits")
 PHASES = ("wall", "sample", "score", "train", "startup")
+FRENCH = set("le la les de des du un une est et en pour que qui dans vous pas sur avec ce il elle au aux sont".split())
+ENGLISH = set("the a an is are and of to in for you your it that with on can be this or not we as".split())
+
+
+def in_french(text, ended):
+    """Told apart by common words: at least 3 French ones, more than English ones (cut off or not: length is free)."""
+    words = re.findall(r"[a-zàâçéèêëîïôûùüÿœ']+", text.lower())
+    french, english = sum(w in FRENCH for w in words), sum(w in ENGLISH for w in words)
+    return french >= 3 and french > english
+
+
+# The principle and its held-out check. Under "short" iqstar's answers shrink (to about 28 tokens by its second
+# epoch), so it scores and trains on fewer tokens than SDFT; under "french" answers keep their length.
+CASES = {"short": (real.PRINCIPLE, real.keeps_to_principle), "french": ("Answer in French.", in_french)}
 
 
 def fail(message):
@@ -61,7 +72,21 @@ def parse_args():
     )
     p.add_argument("--held-out", type=int, help="measure adherence on the first K held-out prompts only (all: 24)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--case",
+        choices=CASES,
+        default="short",
+        help="the principle: " + ", ".join(f"{k}: {v[0]!r}" for k, v in CASES.items()),
+    )
+    p.add_argument(
+        "--sdft-modes",
+        nargs="+",
+        choices=("sampled_token", "topk_logits"),
+        default=["sampled_token", "topk_logits"],
+        help="the SDFT losses to run",
+    )
     args = p.parse_args()
+    args.principle, args.keeps = CASES[args.case]
     for flag in ("rounds", "samples", "batch_size", "new_tokens", "threads", "ranks", "held_out"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} must be a positive integer (got {getattr(args, flag)})")
@@ -75,20 +100,6 @@ def parse_args():
     if importlib.util.find_spec("trl") is None:
         fail("TRL is not installed: pip install -r requirements-peer.txt (make bench-peer does)")
     return args
-
-
-def machine(args):
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    versions = {
-        name: importlib.metadata.version(name) for name in ("torch", "transformers", "trl", "deepspeed", "accelerate")
-    }
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "ranks": args.ranks, **versions}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(name, command, args, threads):
@@ -131,7 +142,7 @@ def run_iqstar(args, dataset, threads):
         "--dataset",
         dataset,
         "--principle",
-        PRINCIPLE,
+        args.principle,
         "--output-dir",
         out,
         "--epochs",
@@ -152,18 +163,8 @@ def run_iqstar(args, dataset, threads):
         0,
         "--overwrite",
     ]
-    launcher = (
-        [sys.executable]
-        if args.ranks == 1
-        else [
-            os.path.join(os.path.dirname(sys.executable), "deepspeed"),
-            "--num_gpus",
-            str(args.ranks),
-            "--master_port",
-            str(free_port()),
-        ]
-    )
-    figures = launch("iqstar", launcher + [os.path.join(ROOT, "iqstar.py")] + list(map(str, flags)), args, threads)
+    launcher = [sys.executable] if args.ranks == 1 else deepspeed_launcher(args.ranks)
+    figures = launch("iqstar", launcher + [IQSTAR] + list(map(str, flags)), args, threads)
     if "error" not in figures:  # its own phase timers, summed over the epochs
         epochs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
         figures.update({k: sum(e[f"{k}_seconds"] for e in epochs) for k in ("sample", "score", "train")})
@@ -173,13 +174,14 @@ def run_iqstar(args, dataset, threads):
 def run_sdft(args, mode, prompts, threads):
     name, out = f"sdft-{mode}", os.path.join(args.out, f"sdft-{mode}")
     script = [
-        os.path.join(HERE, "sdft_run.py"),
+        "-m",
+        "bench.peer.sdft_run",
         "--model",
         args.model,
         "--prompts",
         prompts,
         "--principle",
-        PRINCIPLE,
+        args.principle,
         "--mode",
         mode,
         "--out",
@@ -234,7 +236,7 @@ def print_table(results):
     runs, m = results["runs"], results["machine"]
     print(
         f"\n{m['cpu']}, {m['cores']} cores, {m['threads']} threads, {m['ranks']} rank(s); torch {m['torch']}, "
-        f"trl {m['trl']}; {results['budget']}"
+        f"trl {m['trl']}; {results['budget']}; principle {results['case']['principle']!r}"
     )
     columns = ["iqstar", "SDFT sampled_token", "SDFT topk_logits", "iqstar/sampled_token", "iqstar/topk_logits"]
     print(f"{'':26s}" + "".join(f"{c:>22s}" for c in columns))
@@ -244,7 +246,7 @@ def print_table(results):
         (f"adherence (before {results['before']['adherence']:.2f})", "adherence"),
     ]
     for label, key in rows:
-        values = [runs[r].get(key) for r in RUNS]
+        values = [runs.get(r, {}).get(key) for r in RUNS]
         cells = [
             f"{v:.2f}" if v is not None and key in ("adherence", "max_rss_gb") else f"{v:.1f}" if v is not None else "–"
             for v in values
@@ -252,7 +254,7 @@ def print_table(results):
         cells += [f"{x:.2f}×" if x is not None else "–" for x in (ratio(values[0], v) for v in values[1:])]
         print(f"{label:26s}" + "".join(f"{c:>22s}" for c in cells))
     for r in RUNS:
-        if "error" in runs[r]:
+        if "error" in runs.get(r, {}):
             print(f"{r}: did not run: {runs[r]['error']}")
 
 
@@ -277,7 +279,7 @@ def main():
 
     runs, models = {}, {}
     runs["iqstar"], models["iqstar"] = run_iqstar(args, dataset, threads)
-    for mode in ("sampled_token", "topk_logits"):
+    for mode in args.sdft_modes:
         runs[f"sdft-{mode}"], models[f"sdft-{mode}"] = run_sdft(args, mode, prompts, threads)
     for name, r in runs.items():
         if "error" in r:
@@ -291,16 +293,19 @@ def main():
     torch.set_num_threads(args.threads)
     logging.disable_progress_bar()
     print(f"measuring adherence on {len(held_out)} held-out prompts, {real.SAMPLES} samples each", flush=True)
-    before = real.measure(args.model, held_out, 0.0, args.seed)
+    before = real.measure(args.model, held_out, 0.0, args.seed, args.principle, args.keeps)
     for name, r in runs.items():
         if "error" not in r:
-            r.update(real.measure(models[name], held_out, 0.0, args.seed))
+            r.update(real.measure(models[name], held_out, 0.0, args.seed, args.principle, args.keeps))
             print(f"{name}: adherence {r['adherence']:.3f}", flush=True)
 
     results = {
-        "machine": machine(args),
+        "machine": dict(
+            machine(("torch", "transformers", "trl", "deepspeed", "accelerate")), threads=args.threads, ranks=args.ranks
+        ),
         "before": before,
         "runs": runs,
+        "case": {"name": args.case, "principle": args.principle},
         "budget": f"{args.rounds} rounds × {args.samples} samples, micro-batch {args.batch_size}, "
         f"{args.new_tokens} new tokens, lr {args.lr:g}, iqstar α {args.alpha:g}, CPU fp32",
         "ratios": {
@@ -308,6 +313,7 @@ def main():
                 k: ratio(runs["iqstar"].get(k), runs[r].get(k)) for k in PHASES + ("max_rss_gb", "adherence")
             }
             for r in RUNS[1:]
+            if r in runs
         },
     }
     with open(os.path.join(args.out, "peer.json"), "w") as f:

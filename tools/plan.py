@@ -1,12 +1,14 @@
 """Each rank's peak memory in an iqstar.py run, on paper: by part and by phase, from the model's config alone.
 
-    python bench/plan.py --config bench/configs/vicuna-7b-v1.5 --ranks 8 --gpu-gib 80
-    python bench/plan.py --config bench/configs/vicuna-13b-v1.5 --ranks 8 --gpu-gib 40 --kv-cache-tokens 8192 \
+    python -m tools.plan --config tools/configs/vicuna-7b-v1.5 --ranks 8 --gpu-gib 80
+    python -m tools.plan --config tools/configs/vicuna-13b-v1.5 --ranks 8 --gpu-gib 40 --kv-cache-tokens 8192 \
         --gradient-checkpointing --json plan.json
-    python bench/plan.py --config bench/configs/vicuna-7b-v1.5 --ranks 1 --gpu-gib 24 --lora-r 16 \
+    python -m tools.plan --config tools/configs/vicuna-7b-v1.5 --ranks 1 --gpu-gib 24 --lora-r 16 \
         --gradient-checkpointing --kv-cache-tokens 4096
-    python bench/plan.py --readme      # the README's tables: Vicuna-7B and -13B on 8 × 80 and 8 × 40 GiB, and
+    python -m tools.plan --readme      # the README's tables: Vicuna-7B and -13B on 8 × 80 and 8 × 40 GiB, and
                                        # with --lora-r 16 on one GPU of 24, 48 and 80 GiB
+
+Run from the repository root (where iqstar.py is).
 
 CONFIG is a model folder or its config.json; no weights are read (the parameters are counted on a model built on
 PyTorch's meta device). Every other flag is iqstar.py's own (--batch-size, --max-new-tokens, --kv-cache-tokens,
@@ -23,7 +25,6 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 GiB = 2**30
 PHASES = ("loading", "sampling", "scoring", "training")

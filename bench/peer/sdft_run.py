@@ -1,23 +1,24 @@
-"""One run of TRL's SDFTTrainer (experimental, TRL 1.16) for bench/peer.py, in a process of its own, timed by phase.
+"""One run of TRL's SDFTTrainer (experimental, TRL 1.16) for bench/peer/peer.py, in its own process, timed by phase.
 
 The run is iqstar's: the same prompts in the same order (PROMPTS, a JSON list: round after round, as iqstar.py draws
 them), the student prompted as iqstar's π_θ and the frozen teacher as its π_w, checked token for token against
 iqstar.format_prompt on every generation and every teacher forward. Writes OUT (the final model) and OUT/phases.json.
 
-    python bench/sdft_run.py --model out/smollm2 --prompts PROMPTS.json --principle P --mode sampled_token --out OUT
-    accelerate launch --cpu --num_processes 2 bench/sdft_run.py ...   # 2 ranks
+From the repository root:
+
+    python -m bench.peer.sdft_run --model out/smollm2 --prompts PROMPTS.json --principle P --mode sampled_token \
+        --out OUT
+    accelerate launch --multi_gpu --num_processes 2 -m bench.peer.sdft_run ...   # 2 ranks (on CPU: over gloo)
 """
 
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import iqstar  # noqa: E402
+import iqstar
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--model", required=True)
@@ -32,7 +33,7 @@ p.add_argument("--lr", type=float, default=1e-5)
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--seed", type=int, default=0)
 args = p.parse_args()
-torch.set_num_threads(args.threads)  # OMP_NUM_THREADS too, from bench/peer.py: both runs get the same cores
+torch.set_num_threads(args.threads)  # OMP_NUM_THREADS too, from bench/peer/peer.py: both runs get the same cores
 
 from datasets import Dataset  # noqa: E402  (after the thread count: torch's pools start on first use)
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402

@@ -1,6 +1,7 @@
 """The straightforward, full-vocabulary forms of iqstar's scoring: what its chunked ones must equal.
 
-They hold (B, T, V) float32 logits for π_w, π_l and π_θ at once; iqstar.py runs the chunked ones.
+They hold (B, T, V) float32 logits for π_w, π_l and π_θ at once; iqstar.py runs the chunked ones. The tests check
+the chunked forms against these (tests/test_logprobs.py, tests/test_zero3.py), and make bench measures both.
 """
 
 import torch

@@ -3,7 +3,7 @@
 main() looks its helpers up as module globals when it calls them, so wrapping iqstar.load_model,
 iqstar.sample_responses, iqstar.superior_targets, ... (and DeepSpeed's unwrap_model_for_generation, which gathers
 the policy before the first generate call) marks where each phase starts. Used by bench/memory.py (CPU: resident
-memory) and bench/gpu_check.py (GPU: torch.cuda's allocator), with one meter each:
+memory) and tools/gpu_check.py (GPU: torch.cuda's allocator), with one meter each:
 
     meter = RSSMeter()                  # or CUDAMeter()
     with Phases(meter) as phases:
@@ -13,9 +13,10 @@ memory) and bench/gpu_check.py (GPU: torch.cuda's allocator), with one meter eac
 
 import contextlib
 import functools
-import os
 import threading
 import time
+
+from tools.common import clean_env
 
 
 def status_bytes(field):
@@ -175,14 +176,4 @@ def child_env(env=None):
     """The environment of a measured child process: glibc malloc gives large freed blocks back to the OS
     (mmap above 64 KiB, two arenas), so that resident memory follows what is allocated rather than what malloc
     keeps cached; and no launcher variables, so that iqstar.py is a world of one."""
-    env = dict(
-        os.environ if env is None else env,
-        MALLOC_ARENA_MAX="2",
-        MALLOC_MMAP_THRESHOLD_="65536",
-        MALLOC_TRIM_THRESHOLD_="65536",
-        PYTHONUNBUFFERED="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
+    return clean_env(env, MALLOC_ARENA_MAX="2", MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")

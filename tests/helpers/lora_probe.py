@@ -1,20 +1,18 @@
 """iqstar.py with LoRA, probed at its first and last step, for tests/test_lora.py.
 
-`python tests/lora_probe.py PROBE.pt OUT.pt IQSTAR-FLAGS...` (or under `deepspeed`) runs iqstar.py as it is and, on
-every rank (a ZeRO-3 forward is a collective), scores PROBE.pt's fixed batch ("prompts", "principled", "responses",
-"alpha", "pad") with iqstar's own functions: right after π_θ ← μ (LoRA's B = 0) and before the policy is saved at the
-end. For each, rank 0 writes to OUT.pt: "policy", log π_θ(y_t) of the policy; "base", the same with the adapter
-disabled; "targets", log π̂(y_t) as the run scores them (its reference model, the adapter off when that is the policy).
-And "frozen_copies": how many frozen models the run loaded (load_frozen calls).
+`python tests/helpers/lora_probe.py PROBE.pt OUT.pt IQSTAR-FLAGS...` (or under `deepspeed`) runs iqstar.py as it
+is and, on every rank (a ZeRO-3 forward is a collective), scores PROBE.pt's fixed batch ("prompts", "principled",
+"responses", "alpha", "pad") with iqstar's own functions: right after π_θ ← μ (LoRA's B = 0) and before the policy
+is saved at the end. For each, rank 0 writes to OUT.pt: "policy", log π_θ(y_t) of the policy; "base", the same with
+the adapter disabled; "targets", log π̂(y_t) as the run scores them (its reference model, the adapter off when that is
+the policy). And "frozen_copies": how many frozen models the run loaded (load_frozen calls).
 """
 
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import iqstar  # noqa: E402
+import iqstar
 
 argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher's; LOCAL_RANK says it too
 probe, out_path = torch.load(argv[0]), argv[1]

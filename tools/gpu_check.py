@@ -5,13 +5,13 @@ shape by default; --size 7b: Llama-2-7B's, with the optimizer offloaded to CPU u
 one copy of the weights; --size tiny: 2 layers, for CPU),
 a word-level tokenizer of the same vocabulary with the `tokenizers` library, and a .jsonl of prompts of 128 to 384
 words. It then runs iqstar's main() in this process, `--dtype bf16 --max-new-tokens 1024 --batch-size 2`, with
-bench/phases.py marking the phases, and prints sample, score and train seconds, tokens/s, and each phase's peak GPU
+tools/phases.py marking the phases, and prints sample, score and train seconds, tokens/s, and each phase's peak GPU
 memory (torch.cuda.max_memory_allocated, reset at each phase's start; on CPU, resident memory) beside
-bench/plan.py's prediction for the same flags.
+tools/plan.py's prediction for the same flags. Run from the repository root:
 
-    python bench/gpu_check.py                          # on a GPU machine: make gpu-check
-    python bench/gpu_check.py --size 7b --lora-r 16    # one GPU, LoRA: make gpu-check's second case
-    python bench/gpu_check.py --size tiny --max-new-tokens 64   # on CPU, in under a minute
+    python -m tools.gpu_check                          # on a GPU machine: make gpu-check
+    python -m tools.gpu_check --size 7b --lora-r 16    # one GPU, LoRA: make gpu-check's second case
+    python -m tools.gpu_check --size tiny --max-new-tokens 64   # on CPU, in under a minute
 
 A pure sample from random weights seldom meets its EOS: the responses run to --max-new-tokens, the worst case.
 """
@@ -22,12 +22,9 @@ import json
 import os
 import platform
 import random
-import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, HERE]
+from tools.common import ROOT
 
 # Llama shapes: TinyLlama-1.1B (Llama-2's architecture at 1.1 B, 4 KV heads), Llama-2-7B (Vicuna-7B's), a tiny one
 SIZES = {
@@ -158,8 +155,7 @@ def main(argv=None):
     args, extra = p.parse_known_args(argv)  # anything else goes to iqstar.py as it is
     import torch
     import iqstar
-    import phases
-    import plan
+    from tools import phases, plan
 
     cuda = torch.cuda.is_available()
     lora_r = iqstar.parse_args(["--model", "x"] + extra).lora_r  # LoRA on one GPU: μ once, nothing to offload
@@ -261,7 +257,7 @@ def report(figures, what):
             f"{tokens / max(e['train_seconds'], 1e-9):>13.1f}"
         )
     lines.append(
-        f"{what} by phase, GiB: planned (bench/plan.py, 1 rank) / measured"
+        f"{what} by phase, GiB: planned (tools/plan.py, 1 rank) / measured"
         + (" / reserved by the allocator" if figures["reserved_gib"] else "")
     )
     for phase, planned in figures["planned_gib"].items():

@@ -11,12 +11,10 @@ import atexit
 import json
 import os
 import signal
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import iqstar  # noqa: E402
+import iqstar
 
 faults = json.loads(os.environ.get("IQSTAR_FAULTS", "{}"))
 if "rank" in faults and int(os.environ.get("RANK", 0)) != faults["rank"]:  # {"rank": 1, ...}: on that rank only

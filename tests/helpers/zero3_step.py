@@ -1,19 +1,17 @@
 """Inverse-Q* under DeepSpeed ZeRO-3 in one process, with iqstar's own pieces, for tests/test_zero3.py.
 
-`python tests/zero3_step.py MODEL BATCH.pt OUT.pt` writes what plain PyTorch must reproduce: the tokens sampled
+`python tests/helpers/zero3_step.py MODEL BATCH.pt OUT.pt` writes what plain PyTorch must reproduce: the tokens sampled
 with the policy gathered (DeepSpeed's unwrap_model_for_generation) and layer by layer, from the same seeds; whether
 the gathering gave the shards and ZeRO-3's hooks back; the targets of a frozen ZeRO-3 inference engine; and the
 loss and the weights after one training step.
 """
 
 import json
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import iqstar  # noqa: E402
+import iqstar
 
 
 def main(model_path, batch_path, out_path):

@@ -1,11 +1,12 @@
-"""The chunked log-prob path (over positions) against the full-vocabulary one."""
+"""The chunked log-probs (over positions) against the full-vocabulary forms of tools/reference.py: values, gradients,
+what is kept for backward, and the forwards run."""
 
 import pytest
 import torch
 
 import iqstar
-import reference
 from credit import token_logprobs
+from tools import reference
 
 
 def log_softmax(logits):
