@@ -767,15 +767,15 @@ def main(argv=None):
         for epoch in range(done + 1, args.epochs + 1):  # line 4
             # line 5: x ~ D, the same draw on every rank, split between them; y ~ π_θ(·|x)
             drawn = draw_prompts(len(prompts), run.per_rank * run.world_size, epoch, args.seed)
-            started = time.time()
+            started = time.perf_counter()
             batches = sample_epoch(run, prompts, drawn, epoch)
-            sampled_at = time.time()
+            sampled_at = time.perf_counter()
             targets = score_epoch(run, batches, epoch)  # line 6: log π̂(y_t)
-            scored_at = time.time()
+            scored_at = time.perf_counter()
             # lines 6-7: L = Σ_t (log π̂(y_t) − log π_θ(y_t))², θ ← θ − γ∇L
             tally, skipped_in_a_row = train_epoch(run, batches, targets, epoch, skipped_in_a_row, checkpoint)
             seconds = {"sample": sampled_at - started, "score": scored_at - sampled_at}
-            seconds["train"] = time.time() - scored_at
+            seconds["train"] = time.perf_counter() - scored_at
             log_epoch(run, epoch, tally, seconds, metrics_path, log)
             # a run stopped from here on resumes from the end of this epoch
             if epoch == args.epochs or (args.save_every and epoch % args.save_every == 0):

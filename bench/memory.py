@@ -112,12 +112,12 @@ def measure(out, name, argv):
     """One run of iqstar.py in its own process; its phases' peaks (bytes above its baseline)."""
     result = os.path.join(out, f"measured-{name.replace(' ', '-')}.json")
     command = [sys.executable, "-m", "bench.memory", "--child", result] + argv
-    started = time.time()
+    started = time.perf_counter()
     run = subprocess.run(command, capture_output=True, text=True, env=phases_mod.child_env(), cwd=ROOT)
     if run.returncode != 0:
         sys.exit(f"bench/memory.py: iqstar.py failed ({name})\n{run.stdout[-2000:]}{run.stderr[-3000:]}")
     with open(result) as f:
-        return dict(json.load(f), wall_seconds=time.time() - started)
+        return dict(json.load(f), wall_seconds=time.perf_counter() - started)
 
 
 def compare(out, model):

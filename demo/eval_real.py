@@ -132,7 +132,7 @@ def read_jsonl(path):
 
 
 def main(run_dir, model_dir, out):
-    started = time.time()
+    started = time.perf_counter()
     if not os.path.isfile(os.path.join(run_dir, "config.json")):
         sys.exit(f"eval-real: {run_dir} holds no trained model: run make demo-real first (same ALPHA and SEED)")
     if importlib.util.find_spec("llama_cpp") is None:  # before generating: the judge is needed at step 2
@@ -262,8 +262,8 @@ def main(run_dir, model_dir, out):
             f"{f'{errors}/{len(verdicts)}':>11}   {one.count('model_a'):>5}, {one.count('model_b')}"
         )
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({"principle_score": scores, "judge": judge, "seconds": round(time.time() - started)}, f, indent=1)
-    print(f"{(time.time() - started) / 60:.1f} min; {out}: responses, battles, report.json, plots/, summary.json")
+        json.dump({"principle_score": scores, "judge": judge, "seconds": round(time.perf_counter() - started)}, f, indent=1)
+    print(f"{(time.perf_counter() - started) / 60:.1f} min; {out}: responses, battles, report.json, plots/, summary.json")
 
 
 if __name__ == "__main__":

@@ -198,7 +198,7 @@ def measure(model_dir, prompts, alpha=0.0, seed=0, principle=PRINCIPLE, keeps=ke
 def run(out, alpha, seed, model_dir=None, flags=()):
     """The whole demo for one (α, seed), iqstar.py given `flags` after the demo's own; returns the results dict it also
     writes to results.json, with iqstar.py's seconds and peak resident memory."""
-    started = time.time()
+    started = time.perf_counter()
     model_dir = convert(model_dir or os.path.join(out, "..", "smollm2"))
     train = [p for kind, prompts in PROMPTS.items() if kind not in HELD_OUT for p in prompts]
     held_out = [p for kind in HELD_OUT for p in PROMPTS[kind]]
@@ -214,9 +214,9 @@ def run(out, alpha, seed, model_dir=None, flags=()):
     }
 
     run_dir = os.path.join(out, f"alpha{alpha}-seed{seed}")
-    trained = time.time()
+    trained = time.perf_counter()
     training.train(model_dir, prompts_file, PRINCIPLE, alpha, seed, run_dir, IQSTAR_FLAGS + list(flags))
-    trained = time.time() - trained
+    trained = time.perf_counter() - trained
     peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 2**30  # Linux: KiB; iqstar.py's
 
     epochs = int(IQSTAR_FLAGS[IQSTAR_FLAGS.index("--epochs") + 1])
@@ -234,7 +234,7 @@ def run(out, alpha, seed, model_dir=None, flags=()):
         "iqstar_flags": list(flags),
         "training_seconds": round(trained),
         "training_max_rss_gib": round(peak_rss, 3),
-        "seconds": round(time.time() - started),
+        "seconds": round(time.perf_counter() - started),
     }
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -161,12 +161,12 @@ def main(argv=None):
     lora_r = iqstar.parse_args(["--model", "x"] + extra).lora_r  # LoRA on one GPU: μ once, nothing to offload
     samples = args.samples_per_epoch or {"1b": 42, "7b": 24, "tiny": 4}[args.size]
     os.makedirs(args.out, exist_ok=True)
-    started = time.time()
+    started = time.perf_counter()
     model = os.path.join(args.out, f"llama-{args.size}")
     config = build_model(model, args.size, "cuda" if cuda else "cpu")
     dataset = os.path.join(args.out, "prompts.jsonl")
     write_prompts(dataset, max(samples, 8), config.vocab_size)
-    built = time.time() - started
+    built = time.perf_counter() - started
     flags = [
         "--dtype",
         "bf16",
@@ -230,7 +230,7 @@ def main(argv=None):
         "reserved_gib": {k: v / 2**30 for k, v in measured.reserved.items()},
         "planned_gib": predicted["phases_gib"],
         "plan_total_gib": predicted["total_gib"],
-        "wall_seconds": round(time.time() - started, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1),
     }
     print(report(figures, meter.name))
     if args.json:
