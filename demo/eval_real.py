@@ -261,9 +261,10 @@ def main(run_dir, model_dir, out):
             f"{f'{consistent}/{len(valid)}':>10} {f'{said_a}/{len(verdicts) - errors}':>11} "
             f"{f'{errors}/{len(verdicts)}':>11}   {one.count('model_a'):>5}, {one.count('model_b')}"
         )
+    seconds = time.perf_counter() - started
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({"principle_score": scores, "judge": judge, "seconds": round(time.perf_counter() - started)}, f, indent=1)
-    print(f"{(time.perf_counter() - started) / 60:.1f} min; {out}: responses, battles, report.json, plots/, summary.json")
+        json.dump({"principle_score": scores, "judge": judge, "seconds": round(seconds)}, f, indent=1)
+    print(f"{seconds / 60:.1f} min; {out}: responses, battles, report.json, plots/, summary.json")
 
 
 if __name__ == "__main__":
