@@ -65,9 +65,11 @@ test: install $(VENV)/.test $(VENV)/.eval $(SMOLLM2)/config.json ## every test, 
 # full-vocabulary forms, bf16's math, the sampling plan, data parsing and its fuzz, the one-line errors, the memory
 # plan, credit.py's and evaluate.py's logic (evaluate.py's against a stand-in server, where requirements-eval.txt is
 # installed). Left out: what starts a process, a launcher or a server, or needs the demo world's model or SmolLM2
-# (the marks in pyproject.toml). Only the venv and the test requirements are needed, not SmolLM2.
+# (the marks in pyproject.toml). Only the venv and the test requirements are needed, not SmolLM2. Ruff first (its
+# test starts a process, so the fast tier leaves it out): a line it would reformat fails make test too.
 FAST := not process and not launcher and not server and not slow and not smollm2 and not world
-test-fast: install $(VENV)/.test ## the in-process tests only, under a minute (no run, server or SmolLM2)
+test-fast: install $(VENV)/.test ## ruff, then the in-process tests only, under a minute (no run, server or SmolLM2)
+	$(BIN)/ruff format --check --quiet . && $(BIN)/ruff check --quiet .
 	$(BIN)/python -m pytest -q -m "$(FAST)" tests
 
 demo: install ## Inverse-Q* on the tiny built-in world, CPU, a few minutes (ALPHA, SEED)
@@ -86,13 +88,13 @@ eval-real: $(VENV)/.judge $(SMOLLM2)/config.json ## evaluate.py on make demo-rea
 
 # Sampling speed, log-prob memory, the demo's seconds per epoch, the memory plan's check (bench/memory.py measures
 # SmolLM2), full fine-tuning against LoRA on make demo-real's run.
-bench: install $(SMOLLM2)/config.json ## the performance figures, CPU, about 30 minutes; JSON in out/bench
+bench: install $(SMOLLM2)/config.json ## the performance figures, CPU, about 15 minutes; JSON in out/bench
 	$(BIN)/python -m bench.bench --out out/bench
 
 # iqstar against TRL's SDFTTrainer on the same run, side by side: CPU fp32, 2 threads. Two principles: "one short
 # sentence" against both SDFT losses (JSON in out/bench/peer), and "Answer in French." against SDFT's sampled_token
 # loss, where the answers keep their length (out/bench/peer-french).
-bench-peer: $(VENV)/.peer $(SMOLLM2)/config.json ## iqstar beside TRL's SDFTTrainer, CPU, about 50 minutes
+bench-peer: $(VENV)/.peer $(SMOLLM2)/config.json ## iqstar beside TRL's SDFTTrainer, CPU, about 45 minutes
 	$(BIN)/python -m bench.peer.peer --model $(SMOLLM2) --case short --out out/bench/peer
 	$(BIN)/python -m bench.peer.peer --model $(SMOLLM2) --case french --sdft-modes sampled_token \
 	    --out out/bench/peer-french
